@@ -1,0 +1,59 @@
+"""The step clock: which sampler step a model call belongs to.
+
+Samplers call the model once (euler, dpmpp_2m), twice (heun, dpmpp_2s_ancestral, dpmpp_sde) or
+more per step, at sigmas that may lie between two schedule entries, and a corrector call of step k
+can land exactly on the sigma that starts step k+1. Sigma alone is therefore ambiguous; the clock
+uses the sampler's per-step callback (ComfyUI calls it once at the end of every step) to know
+where each step ends, and falls back to locating the sigma in the schedule when no callback came.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class StepClock:
+    """Maps model calls to step indices 0..steps-1 of one sampler run, in denoising order."""
+
+    def __init__(self, sigmas: Sequence[float], offset: int = 0):
+        self.sigmas = [float(s) for s in sigmas]
+        if len(self.sigmas) < 2:
+            raise ValueError("a sampler run needs at least two sigmas (one step)")
+        self.steps = len(self.sigmas) - 1
+        self.offset = offset            # index of this run's first step in a longer schedule
+        self._finished = -1             # last step the sampler reported as done
+        self._last = 0
+
+    def step_finished(self, step: int) -> None:
+        """Called from the sampler callback with the index of the step that just ended."""
+        self._finished = max(self._finished, int(step))
+
+    def step_for(self, sigma: float) -> int:
+        """The run-local step index of a model call at noise level `sigma`."""
+        sigma = float(sigma)
+        expected = min(self._finished + 1, self.steps - 1)
+        if self._contains(expected, sigma):
+            step = expected
+        else:
+            step = self._locate(sigma, lowest=expected if sigma <= self.sigmas[expected] else 0)
+        self._last = step
+        return step
+
+    def _tolerance(self, k: int) -> float:
+        return 1e-5 * max(abs(self.sigmas[k]), 1e-3)
+
+    def _contains(self, k: int, sigma: float) -> bool:
+        hi, lo = self.sigmas[k], self.sigmas[k + 1]
+        if hi < lo:     # an ascending piece (restart samplers): compare the other way round
+            hi, lo = lo, hi
+        tol = self._tolerance(k)
+        return lo - tol <= sigma <= hi + tol
+
+    def _locate(self, sigma: float, lowest: int) -> int:
+        # Half-open [sigma_{k+1}, sigma_k): a call exactly at sigma_{k+1} starts step k+1.
+        for k in range(lowest, self.steps):
+            tol = self._tolerance(k)
+            if self.sigmas[k + 1] + tol < sigma <= self.sigmas[k] + tol:
+                return k
+        if sigma > self.sigmas[0]:
+            return 0
+        return self.steps - 1

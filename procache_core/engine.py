@@ -1,0 +1,248 @@
+"""The caching engine: runs each transformer block as FULL, REUSE or SELECTIVE.
+
+A `Run` lives for one sampling run. For every model call it asks the clock which step this is and
+the policy what each block does, then attaches itself to the model's blocks for the duration of
+that call only (instance attributes removed in `finally`), so nothing stays patched between calls
+and the model is never modified outside a run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .cache import CacheStore
+from .clock import StepClock
+from .families.base import Branch, BlockStack, FamilySpec, linear_params, resolve
+from .policy import Policy
+from .schedule import StepKind
+from .stats import RunStats
+from .tokens import TokenSelector, gather_tokens, scatter_tokens
+
+_MISSING = object()
+
+
+class CacheMiss(Exception):
+    """A branch must be reused but nothing usable is cached; the block runs in full instead."""
+
+
+@dataclasses.dataclass
+class _CallWork:
+    flops_done: float = 0.0
+    flops_full: float = 0.0
+    misses: int = 0
+    computed: int = 0        # branch computations on all tokens
+    selective: int = 0       # branch computations on a subset of tokens
+
+
+class Run:
+    """State of one sampling run: clock, cache, statistics. Freed by `close()`."""
+
+    def __init__(self, policy: Policy, clock: StepClock, family: FamilySpec | None,
+                 selector: TokenSelector | None = None, cache_device=None, model_name: str = ""):
+        self.policy = policy
+        self.clock = clock
+        self.family = family
+        self.selector = selector or TokenSelector()
+        self.cache = CacheStore(cache_device)
+        planned = [policy.step_kind(clock.offset + k) for k in range(clock.steps)]
+        self.stats = RunStats(planned, mode=f"branch:{family.name}" if family else "model-level",
+                              model=model_name)
+        self.branch_calls = [0] * clock.steps   # full-token branch computations per step (tests, panel)
+        self._cost_cache: dict[int, int] = {}
+        self._started = time.perf_counter()
+        self.closed = False
+
+    # ---- the sampler's side ------------------------------------------------------------------
+    def sampler_callback(self, user_callback: Callable | None) -> Callable:
+        """A sampler callback that advances the clock, then calls the user's one (previews)."""
+        def callback(step, *args, **kwargs):
+            self.clock.step_finished(step)
+            if user_callback is not None:
+                return user_callback(step, *args, **kwargs)
+        return callback
+
+    @contextlib.contextmanager
+    def model_call(self, model: nn.Module, sigma: float, streams: Sequence[str]):
+        """Attach to `model` for one call at noise level `sigma` with these CFG streams."""
+        step = self.clock.step_for(sigma)
+        call = _Call(self, step, tuple(streams), model)
+        started = time.perf_counter()
+        try:
+            with call.attached():
+                yield call
+        finally:
+            w = call.work
+            self.stats.record_call(step, call.streams, call.step_kind, time.perf_counter() - started,
+                                   w.flops_done, w.flops_full, w.misses)
+            self.branch_calls[step] += w.computed
+            self.stats.cache_bytes_peak = max(self.stats.cache_bytes_peak, self.cache.nbytes)
+
+    def close(self) -> RunStats:
+        """Free every cached tensor; safe to call twice (error paths)."""
+        if not self.closed:
+            self.closed = True
+            self.cache.clear()
+            self.stats.wall_seconds = time.perf_counter() - self._started
+        return self.stats
+
+    def branch_cost(self, block: nn.Module, branch: Branch, rows: int) -> float:
+        key = id(block), branch.name
+        params = self._cost_cache.get(key)
+        if params is None:
+            paths = branch.cost_paths or (branch.path,)
+            params = sum(linear_params(m) for m in (resolve(block, p) for p in paths) if m is not None)
+            self._cost_cache[key] = params
+        width = getattr(block, "hidden_size", None) or 0
+        attention = 4.0 * rows * rows * width if branch.attention else 0.0
+        return 2.0 * rows * params + attention
+
+
+class _Call:
+    """One model call: which step, which streams, what each block does."""
+
+    def __init__(self, run: Run, step: int, streams: tuple[str, ...], model: nn.Module):
+        self.run = run
+        self.step = step
+        self.schedule_step = run.clock.offset + step
+        self.streams = streams
+        self.model = model
+        self.step_kind = run.policy.step_kind(self.schedule_step)
+        self.work = _CallWork()
+        self._num_blocks = 0
+
+    # ---- attaching ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def attached(self):
+        if self.run.family is None:
+            with _instance_forward(self.model, self._model_level_forward):
+                yield
+            return
+        blocks = self.run.family.blocks(self.model)
+        self._num_blocks = len(blocks)
+        with contextlib.ExitStack() as stack:
+            for index, block_stack, block in blocks:
+                for branch in block_stack.branches:
+                    module = resolve(block, branch.path)
+                    stack.enter_context(_instance_forward(module, self._tap(index, block, branch)))
+                if block_stack.reuse_forward is not None:
+                    stack.enter_context(_instance_forward(block, self._block_forward(index, block, block_stack)))
+            yield
+
+    def block_kind(self, index: int) -> StepKind:
+        return self.run.policy.block_kind(self.schedule_step, index, self._num_blocks)
+
+    def _tap(self, index: int, block: nn.Module, branch: Branch):
+        def make(original):
+            def forward(*args, **kwargs):
+                tokens = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                return self.branch(index, block, branch, self.block_kind(index), original, tokens, args[1:], kwargs)
+            return forward
+        return make
+
+    def _block_forward(self, index: int, block: nn.Module, block_stack: BlockStack):
+        branches = {b.name: b for b in block_stack.branches}
+
+        def make(original):
+            def forward(*args, **kwargs):
+                kind = self.block_kind(index)
+                if kind == StepKind.FULL:
+                    return original(*args, **kwargs)
+
+                def branch(name, module=None, tokens=None, like=None):
+                    b = branches[name]
+                    x = tokens() if tokens is not None and kind == StepKind.SELECTIVE and b.token_wise else None
+                    return self.branch(index, block, b, kind, module, x, (), {}, like=like)
+                try:
+                    return block_stack.reuse_forward(block, branch, *args, **kwargs)
+                except CacheMiss:
+                    self.work.misses += 1
+                    return self._full_block(index, original, args, kwargs)
+            return forward
+        return make
+
+    def _full_block(self, index, original, args, kwargs):
+        # Run the block's own code with its taps in FULL mode (they capture fresh branch outputs).
+        saved = self.block_kind
+        self.block_kind = lambda i: StepKind.FULL if i == index else saved(i)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self.block_kind = saved
+
+    # ---- the branch decision -------------------------------------------------------------------
+    def branch(self, index: int, block: nn.Module, branch: Branch, kind: StepKind,
+               compute: Callable | None, tokens: torch.Tensor | None, rest: tuple, kwargs: dict,
+               like: torch.Tensor | None = None) -> torch.Tensor:
+        run, key = self.run, (index, branch.name)
+        shape_ref = tokens if tokens is not None else like
+        rows = shape_ref.shape[1] if shape_ref is not None and shape_ref.ndim >= 3 else 1
+        full_cost = run.branch_cost(block, branch, rows)
+        self.work.flops_full += full_cost
+        if kind != StepKind.FULL:
+            cached = run.cache.get(self.streams, key, device=shape_ref.device if shape_ref is not None else None)
+            if cached is not None and shape_ref is not None and cached.shape[:2] != shape_ref.shape[:2]:
+                cached = None        # another resolution or batch layout: never reuse stale tensors
+            if cached is None:
+                if compute is None or tokens is None:
+                    raise CacheMiss(key)
+                self.work.misses += 1
+            elif kind == StepKind.REUSE or not branch.token_wise or compute is None or tokens is None:
+                return cached
+            else:
+                return self._selective(index, branch, compute, tokens, rest, kwargs, cached, full_cost)
+        out = compute(tokens, *rest, **kwargs) if tokens is not None else compute(*rest, **kwargs)
+        run.cache.put(self.streams, key, out)
+        self.work.flops_done += full_cost
+        self.work.computed += 1
+        return out
+
+    def _selective(self, index, branch, compute, tokens, rest, kwargs, cached, full_cost):
+        run = self.run
+        idx = run.selector.select(tokens, self.schedule_step, index, streams=len(self.streams))
+        if idx.shape[1] == 0:
+            return cached
+        fresh = compute(gather_tokens(tokens, idx), *rest, **kwargs)
+        updated = scatter_tokens(cached, idx, fresh)
+        run.cache.put(self.streams, (index, branch.name), updated)
+        self.work.flops_done += full_cost * idx.shape[1] / tokens.shape[1]
+        self.work.selective += 1
+        return updated
+
+    # ---- model-level fallback ------------------------------------------------------------------
+    def _model_level_forward(self, original):
+        """For models without a branch-level family: reuse the model's output residual."""
+        def forward(x, *args, **kwargs):
+            self.work.flops_full += 1.0
+            key = ("model", "residual")
+            if self.step_kind != StepKind.FULL:
+                cached = self.run.cache.get(self.streams, key, device=x.device)
+                if cached is not None and cached.shape[0] == x.shape[0] and cached.shape[2:] == x.shape[2:]:
+                    channels = cached.shape[1]
+                    return x[:, :channels] + cached
+                self.work.misses += 1
+            out = original(x, *args, **kwargs)
+            self.work.flops_done += 1.0
+            self.work.computed += 1
+            if out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:] and out.shape[1] <= x.shape[1]:
+                self.run.cache.put(self.streams, key, out - x[:, :out.shape[1]])
+            return out
+        return forward
+
+
+@contextlib.contextmanager
+def _instance_forward(module: nn.Module, make: Callable[[Callable], Callable]):
+    """Shadow `module.forward` with make(current forward) until the block exits."""
+    previous = module.__dict__.get("forward", _MISSING)
+    module.forward = make(module.forward)
+    try:
+        yield
+    finally:
+        if previous is _MISSING:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous

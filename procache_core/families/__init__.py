@@ -1,0 +1,33 @@
+"""Model families with branch-level caching; anything else gets model-level reuse."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import BlockStack, Branch, FamilySpec
+from .flux import FLUX
+from .pixart import PIXART
+from .reference import REFERENCE
+from .wan import WAN
+
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN)
+
+
+def find_family(model: nn.Module) -> tuple[FamilySpec | None, str]:
+    """The family for `model` and a sentence for the user saying which mode it gets and why."""
+    name = type(model).__name__
+    for family in FAMILIES:
+        try:
+            detected = family.detect(model)
+        except Exception:        # a detector must never take the user's graph down
+            detected = False
+        if not detected:
+            continue
+        problems = family.problems(model)
+        if problems:
+            return None, (f"{name}: looks like {family.name} but its blocks changed ({problems[0]}); "
+                          "using model-level reuse")
+        return family, f"{name}: branch-level caching ({family.description})"
+    return None, f"{name}: no branch-level adapter; using model-level reuse of the output residual"
+
+
+__all__ = ["FAMILIES", "find_family", "FamilySpec", "BlockStack", "Branch"]

@@ -1,0 +1,83 @@
+"""Flux.1 / Flux.2 (ComfyUI `Flux`): double-stream and single-stream blocks.
+
+Flux computes attention between `qkv` and `proj` inside the block, so a branch submodule cannot
+skip it; on reuse steps the blocks run the small forwards below, built from the block's own
+modulation and norms, and add the cached pre-gate branch outputs. Full steps run Flux's own code.
+The single block's `linear2` fuses attention and MLP; its output is cached as one branch.
+"""
+import torch
+
+from .base import BlockStack, Branch, FamilySpec
+
+
+def _modulated(x, mod, dims):
+    # Flux's apply_mod(x, 1 + scale, shift, dims), without writing into x.
+    if dims is None:
+        return torch.addcmul(mod.shift, x, 1 + mod.scale)
+    out = x.clone()
+    for start, end, j in dims:
+        out[:, start:end] = out[:, start:end] * (1 + mod.scale[:, j]) + mod.shift[:, j]
+    return out
+
+
+def _gated(x, gate, dims):
+    if dims is None:
+        return x * gate
+    out = x.clone()
+    for start, end, j in dims:
+        out[:, start:end] *= gate[:, j]
+    return out
+
+
+def _finite(x):
+    if x.dtype == torch.float16:     # as Flux's own blocks do
+        return torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+    return x
+
+
+def double_block_reuse(block, branch, img, txt, vec, pe=None, attn_mask=None,
+                       modulation_dims_img=None, modulation_dims_txt=None, transformer_options={}):
+    if getattr(block, "modulation", True):
+        (im1, im2), (tm1, tm2) = block.img_mod(vec), block.txt_mod(vec)
+    else:
+        (im1, im2), (tm1, tm2) = vec
+    di, dt = modulation_dims_img, modulation_dims_txt
+    img = img + _gated(branch("img_attn", like=img), im1.gate, di)
+    img = img + _gated(branch("img_mlp", block.img_mlp, lambda: _modulated(block.img_norm2(img), im2, di), like=img),
+                       im2.gate, di)
+    txt = txt + _gated(branch("txt_attn", like=txt), tm1.gate, dt)
+    txt = txt + _gated(branch("txt_mlp", block.txt_mlp, lambda: _modulated(block.txt_norm2(txt), tm2, dt), like=txt),
+                       tm2.gate, dt)
+    return img, _finite(txt)
+
+
+def single_block_reuse(block, branch, x, vec, pe=None, attn_mask=None, modulation_dims=None, transformer_options={}):
+    mod = block.modulation(vec)[0] if getattr(block, "modulation", None) else vec
+    return _finite(x + _gated(branch("fused", like=x), mod.gate, modulation_dims))
+
+
+def _is_flux(model) -> bool:
+    doubles, singles = getattr(model, "double_blocks", None), getattr(model, "single_blocks", None)
+    if not doubles or not singles:
+        return False
+    d, s = doubles[0], singles[0]
+    return (all(hasattr(d, n) for n in ("img_attn", "img_mlp", "txt_attn", "txt_mlp", "img_norm2", "txt_norm2"))
+            and all(hasattr(s, n) for n in ("linear1", "linear2", "pre_norm")))
+
+
+FLUX = FamilySpec(
+    name="flux",
+    description="Flux: double blocks (image/text attention and MLP), single blocks (fused output)",
+    stacks=(
+        BlockStack("double_blocks", reuse_forward=double_block_reuse, branches=(
+            Branch("img_attn", "img_attn.proj", token_wise=False, attention=True, cost_paths=("img_attn",)),
+            Branch("img_mlp", "img_mlp", token_wise=True),
+            Branch("txt_attn", "txt_attn.proj", token_wise=False, attention=True, cost_paths=("txt_attn",)),
+            Branch("txt_mlp", "txt_mlp", token_wise=True),
+        )),
+        BlockStack("single_blocks", reuse_forward=single_block_reuse, branches=(
+            Branch("fused", "linear2", token_wise=False, attention=True, cost_paths=("linear1", "linear2")),
+        )),
+    ),
+    detect=_is_flux,
+)

@@ -1,0 +1,44 @@
+"""Policies decide what each block does at each step; the engine does it.
+
+One mechanism, many methods: FORA, ProCache and the benchmark baselines are all policies over the
+same block machinery, so they are compared on equal terms.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from .schedule import Schedule, StepKind
+
+
+class Policy(Protocol):
+    def step_kind(self, step: int) -> StepKind:
+        """What the step as a whole is (for statistics and model-level fallback)."""
+
+    def block_kind(self, step: int, block: int, num_blocks: int) -> StepKind:
+        """What block `block` of `num_blocks` does at `step`."""
+
+
+class SchedulePolicy:
+    """Follows a per-step schedule; selective steps touch only the deepest blocks.
+
+    deep_fraction: share of blocks (the deepest) that recompute tokens on selective steps;
+        the paper uses the deepest 25 %. Shallower blocks reuse on selective steps.
+    """
+
+    def __init__(self, schedule: Schedule, deep_fraction: float = 0.25):
+        if not 0.0 <= deep_fraction <= 1.0:
+            raise ValueError(f"deep_fraction must be in [0, 1], got {deep_fraction}")
+        self.schedule = schedule
+        self.deep_fraction = deep_fraction
+
+    def step_kind(self, step: int) -> StepKind:
+        return StepKind.FULL if step == 0 else self.schedule.kind_at(step)
+
+    def first_deep_block(self, num_blocks: int) -> int:
+        return num_blocks - round(self.deep_fraction * num_blocks)
+
+    def block_kind(self, step: int, block: int, num_blocks: int) -> StepKind:
+        kind = self.step_kind(step)
+        if kind == StepKind.SELECTIVE and block < self.first_deep_block(num_blocks):
+            return StepKind.REUSE
+        return kind

@@ -1,0 +1,283 @@
+"""Caching schedules: which kind of step each sampler step runs as.
+
+A schedule is a per-step sequence of `StepKind`s in forward denoising order (step 0 is the
+noisiest). It travels as a small versioned JSON document, so a schedule can live in a file, in a
+workflow's widget text, or in a benchmark table, and always reads back the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import re
+from typing import Iterable, Sequence
+
+FORMAT_NAME = "procache.schedule"
+FORMAT_VERSION = 1
+MAX_STEPS = 10_000          # a schedule longer than this is a typo or an attack, not a sampler run
+MAX_DOCUMENT_BYTES = 4 << 20
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot be used; the message says what to change."""
+
+
+class StepKind(enum.IntEnum):
+    """What a whole step does. The integer values are the paper's pattern digits."""
+
+    REUSE = 0       # every block re-gates its cached branch outputs
+    FULL = 1        # every block runs and refreshes its cache
+    SELECTIVE = 2   # deep blocks refresh token-wise branches for the top tokens; others reuse
+
+    @property
+    def letter(self) -> str:
+        return {StepKind.REUSE: "R", StepKind.FULL: "F", StepKind.SELECTIVE: "S"}[self]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A per-step caching pattern plus the metadata a user needs to trust it.
+
+    `units` is optional: a steps x units table of booleans (True = compute) for per-branch
+    routers such as HarmoniCa's, with units ordered (attention, MLP) per block. When present it
+    refines FULL/REUSE per branch; `kinds` still says what each step is overall.
+    """
+
+    kinds: tuple[StepKind, ...]
+    name: str = "custom"
+    family: str = "any"
+    sampler: str = ""
+    provenance: str = ""
+    notes: tuple[str, ...] = ()
+    units: tuple[tuple[bool, ...], ...] | None = None
+
+    def __post_init__(self):
+        kinds = tuple(StepKind(int(k)) for k in self.kinds)
+        object.__setattr__(self, "kinds", kinds)
+        if not kinds:
+            raise ScheduleError("a schedule needs at least one step")
+        if len(kinds) > MAX_STEPS:
+            raise ScheduleError(f"a schedule has at most {MAX_STEPS} steps, got {len(kinds)}")
+        if kinds[0] != StepKind.FULL:
+            raise ScheduleError(
+                f"step 0 must be full (1): nothing is cached before it; got {int(kinds[0])}")
+        if self.units is not None:
+            units = tuple(tuple(bool(u) for u in row) for row in self.units)
+            if len(units) != len(kinds):
+                raise ScheduleError(
+                    f"the unit table has {len(units)} rows but the schedule has {len(kinds)} steps")
+            if len({len(row) for row in units}) != 1:
+                raise ScheduleError("every row of the unit table needs the same number of units")
+            object.__setattr__(self, "units", units)
+
+    # ---- reading -------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return len(self.kinds)
+
+    def kind_at(self, step: int) -> StepKind:
+        if not 0 <= step < len(self.kinds):
+            raise IndexError(f"step {step} is outside a {len(self.kinds)}-step schedule")
+        return self.kinds[step]
+
+    def count(self, kind: StepKind) -> int:
+        return sum(1 for k in self.kinds if k == kind)
+
+    @property
+    def pattern(self) -> str:
+        """The digits, e.g. '1020102'; what users type and what the panel draws."""
+        return "".join(str(int(k)) for k in self.kinds)
+
+    def theoretical_speedup(self, selective_cost: float = 0.0, reuse_cost: float = 0.0) -> float:
+        """Full-compute cost over this schedule's cost, in units of one full step.
+
+        `selective_cost` and `reuse_cost` are the fraction of a full step that a selective or a
+        reuse step still costs (modulation, the recomputed tokens); both 0 give the step-count ratio.
+        """
+        cost = (self.count(StepKind.FULL) + selective_cost * self.count(StepKind.SELECTIVE)
+                + reuse_cost * self.count(StepKind.REUSE))
+        return self.steps / cost
+
+    # ---- changing ------------------------------------------------------------------------
+    def with_kinds(self, kinds: Iterable[int], note: str | None = None) -> "Schedule":
+        notes = self.notes + ((note,) if note else ())
+        return dataclasses.replace(self, kinds=tuple(kinds), notes=notes, units=None)
+
+    def windowed(self, start_percent: float, end_percent: float, force_last_full: bool) -> "Schedule":
+        """Force FULL outside [start, end) of the run (fractions of the step count)."""
+        if not 0.0 <= start_percent <= end_percent <= 1.0:
+            raise ScheduleError(
+                f"need 0 <= start_percent <= end_percent <= 1, got {start_percent} and {end_percent}")
+        n = self.steps
+        first, stop = math.floor(start_percent * n), math.ceil(end_percent * n)
+        kinds = [k if first <= i < stop else StepKind.FULL for i, k in enumerate(self.kinds)]
+        if force_last_full:
+            kinds[-1] = StepKind.FULL
+        if kinds == list(self.kinds):
+            return self
+        return dataclasses.replace(self, kinds=tuple(kinds), units=None)
+
+    def resampled(self, steps: int) -> "Schedule":
+        """The same pattern stretched or squeezed to another step count.
+
+        Keeps step 0 full, the share of full steps, the non-increasing order of reuse intervals
+        (long early, short late) and the relative position of selective steps in each interval.
+        """
+        if steps == self.steps:
+            return self
+        if not 1 <= steps <= MAX_STEPS:
+            raise ScheduleError(f"cannot resample to {steps} steps")
+        segments = [length for length, _ in full_step_segments(self.kinds)]
+        budget = min(steps, max(1, round(len(segments) * steps / self.steps)))
+        # Sample the old interval profile at the centre of each new segment, scale it to the new
+        # step count, round by largest remainder, then sort so intervals never grow.
+        weights = [segments[min(len(segments) - 1, int((i + 0.5) * len(segments) / budget))]
+                   for i in range(budget)]
+        exact = [w * steps / sum(weights) for w in weights]
+        lengths = [max(1, math.floor(e)) for e in exact]
+        while sum(lengths) > steps:
+            lengths[max(range(budget), key=lambda i: (lengths[i], i))] -= 1
+        by_remainder = sorted(range(budget), key=lambda i: (math.floor(e := exact[i]) - e, i))
+        for i in range(steps - sum(lengths)):
+            lengths[by_remainder[i % budget]] += 1
+        lengths.sort(reverse=True)
+        had_selective = any(k == StepKind.SELECTIVE for k in self.kinds)
+        pattern = pattern_from_segments(lengths)
+        if had_selective:
+            pattern = inject_selective(pattern)
+        note = (f"resampled from {self.steps} to {steps} steps: {len(segments)} -> {budget} full steps, "
+                f"intervals kept non-increasing")
+        return dataclasses.replace(self, kinds=tuple(pattern), notes=self.notes + (note,), units=None)
+
+    # ---- JSON ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "name": self.name,
+               "family": self.family, "steps": self.steps, "sampler": self.sampler,
+               "provenance": self.provenance, "pattern": [int(k) for k in self.kinds]}
+        if self.notes:
+            doc["notes"] = list(self.notes)
+        if self.units is not None:
+            doc["units"] = ["".join("1" if u else "0" for u in row) for row in self.units]
+        return doc
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, doc: dict, where: str = "schedule") -> "Schedule":
+        if not isinstance(doc, dict):
+            raise ScheduleError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+        if doc.get("format") != FORMAT_NAME:
+            raise ScheduleError(f"{where}: 'format' must be '{FORMAT_NAME}', got {doc.get('format')!r}")
+        version = doc.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise ScheduleError(
+                f"{where}: schedule format version {version!r} is not supported (this pack reads 1..{FORMAT_VERSION}); "
+                "update the pack or re-save the schedule")
+        pattern = doc.get("pattern")
+        if not isinstance(pattern, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in pattern):
+            raise ScheduleError(f"{where}: 'pattern' must be a list of integers 0, 1, 2")
+        bad = sorted({p for p in pattern if p not in (0, 1, 2)})
+        if bad:
+            raise ScheduleError(f"{where}: pattern values must be 0 (reuse), 1 (full) or 2 (selective); found {bad}")
+        steps = doc.get("steps", len(pattern))
+        if steps != len(pattern):
+            raise ScheduleError(f"{where}: 'steps' says {steps} but the pattern has {len(pattern)} entries")
+        units = doc.get("units")
+        if units is not None:
+            if not isinstance(units, list) or not all(isinstance(r, str) and set(r) <= {"0", "1"} for r in units):
+                raise ScheduleError(f"{where}: 'units' must be a list of strings of 0/1")
+            units = tuple(tuple(c == "1" for c in row) for row in units)
+        text = {key: doc.get(key, "") for key in ("name", "family", "sampler", "provenance")}
+        for key, value in text.items():
+            if not isinstance(value, str):
+                raise ScheduleError(f"{where}: '{key}' must be a string")
+        try:
+            return cls(kinds=tuple(pattern), name=text["name"] or "custom", family=text["family"] or "any",
+                       sampler=text["sampler"], provenance=text["provenance"],
+                       notes=tuple(str(n) for n in doc.get("notes", ())), units=units)
+        except ScheduleError as e:
+            raise ScheduleError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "schedule") -> "Schedule":
+        if len(text.encode("utf-8", "replace")) > MAX_DOCUMENT_BYTES:
+            raise ScheduleError(f"{where}: larger than {MAX_DOCUMENT_BYTES >> 20} MiB; not a schedule")
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        return cls.from_dict(doc, where)
+
+
+# ---- building schedules ----------------------------------------------------------------------
+_REPEAT = re.compile(r"\[([0-2,\s]*)\]\s*[x\*]\s*(\d+)")
+
+
+def parse_pattern(text: str, name: str = "typed pattern") -> Schedule:
+    """A schedule from text a user types.
+
+    Accepts plain digits ('1002'), separated digits ('1,0,0,2'), repeated groups
+    ('[1,0,2,0]x6 + [1,0]x7') or a whole JSON schedule document.
+    """
+    text = (text or "").strip()
+    if not text:
+        raise ScheduleError("the pattern is empty: type digits such as 1,0,0,1,0 (1 full, 0 reuse, 2 selective)")
+    if text.startswith("{"):
+        return Schedule.from_json(text, where="pattern text")
+    if len(text) > 8 * MAX_STEPS:
+        raise ScheduleError("the pattern text is too long")
+
+    def expand(match: re.Match) -> str:
+        group, times = match.group(1), int(match.group(2))
+        if times > MAX_STEPS:
+            raise ScheduleError(f"repeat count {times} is too large")
+        return ",".join([group.strip(" ,")] * times)
+
+    expanded = _REPEAT.sub(expand, text).replace("+", ",")
+    bad = sorted(set(re.sub(r"[\s,\[\]]", "", expanded)) - set("012"))
+    if bad:
+        raise ScheduleError(
+            f"the pattern may only contain 0 (reuse), 1 (full), 2 (selective), commas and [group]xN; found {''.join(bad)!r}")
+    digits = [int(c) for c in re.sub(r"[^012]", "", expanded)]
+    return Schedule(kinds=tuple(digits), name=name, provenance="typed by the user")
+
+
+def uniform(steps: int, interval: int, name: str | None = None) -> Schedule:
+    """FORA-style: a full step every `interval` steps, reuse in between."""
+    if steps < 1:
+        raise ScheduleError(f"steps must be at least 1, got {steps}")
+    if interval < 1:
+        raise ScheduleError(f"the interval must be at least 1 (1 = no caching), got {interval}")
+    kinds = [StepKind.FULL if i % interval == 0 else StepKind.REUSE for i in range(steps)]
+    return Schedule(kinds=tuple(kinds), name=name or f"uniform-every-{interval}",
+                    provenance=f"uniform: full every {interval} steps")
+
+
+def full_step_segments(kinds: Sequence[int]) -> list[tuple[int, int]]:
+    """(length, start) of each segment that begins with a full step."""
+    starts = [i for i, k in enumerate(kinds) if k == StepKind.FULL]
+    return [(end - start, start) for start, end in zip(starts, starts[1:] + [len(kinds)])]
+
+
+def pattern_from_segments(lengths: Iterable[int]) -> list[int]:
+    """Segment lengths -> digits: each segment is a full step followed by reuse steps."""
+    out: list[int] = []
+    for length in lengths:
+        out += [1] + [0] * (length - 1)
+    return out
+
+
+def inject_selective(pattern: Sequence[int]) -> list[int]:
+    """ProCache's injection: inside each run of reuse steps, every even (1-based) position
+    becomes selective, so a selective step never directly follows a full one."""
+    out, run = [], 0
+    for p in pattern:
+        if p == StepKind.FULL:
+            run = 0
+            out.append(int(p))
+            continue
+        run += 1
+        out.append(int(StepKind.SELECTIVE) if run % 2 == 0 else int(StepKind.REUSE))
+    return out
