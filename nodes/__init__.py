@@ -1,0 +1,13 @@
+"""The pack's ComfyUI nodes (thin: they parse inputs, clone the MODEL and attach wrappers)."""
+from comfy_api.latest import ComfyExtension, io
+
+from .apply_node import ProCacheApply
+from .schedule_loader import ProCacheScheduleLoader
+from .selector_node import TokenImportanceSelector
+
+NODES: list[type[io.ComfyNode]] = [ProCacheScheduleLoader, ProCacheApply, TokenImportanceSelector]
+
+
+class ProCacheExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,55 @@
+"""ProCache Apply: a MODEL that caches by the connected schedule (the input MODEL is untouched)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..procache_core import ScheduleError, TokenSelector
+from .runtime import ApplyConfig, attach, describe_model
+from .schedule_loader import SCHEDULE, describe
+from .selector_node import SELECTOR, SelectorConfig
+
+
+class ProCacheApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProCacheApply",
+            display_name="ProCache Apply",
+            category="ProCache",
+            description="Speeds up a DiT by reusing cached block outputs on the steps the schedule marks.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to speed up. It is cloned, never changed."),
+                SCHEDULE.Input("schedule", tooltip="From ProCache Schedule Loader."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Steps before this share of the run always compute in full."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Steps from this share of the run on always compute in full. "
+                                       "1.0 lets the schedule decide to the end."),
+                io.Boolean.Input("force_last_full", default=False,
+                                 tooltip="Always compute the last step in full (a little slower, sharper detail)."),
+                io.Boolean.Input("cache_on_cpu", default=False,
+                                 tooltip="Keep cached tensors in system RAM instead of VRAM: saves VRAM on big "
+                                         "video models, costs a copy on every cached step."),
+                SELECTOR.Input("selector", optional=True,
+                               tooltip="From Token Importance Selector: which tokens selective steps recompute. "
+                                       "Without it, selective steps refresh 10% of tokens by input norm."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                io.String.Output(display_name="report", tooltip="Which caching mode the model got, and why."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
+                selector: SelectorConfig | None = None) -> io.NodeOutput:
+        if start_percent > end_percent:
+            raise ScheduleError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
+        selector = selector or SelectorConfig(TokenSelector(), 0.25)
+        config = ApplyConfig(schedule=schedule, start_percent=start_percent, end_percent=end_percent,
+                             force_last_full=force_last_full, selector=selector.tokens,
+                             deep_fraction=selector.deep_fraction, cache_on_cpu=cache_on_cpu)
+        mode, sentence = describe_model(model)
+        patched = attach(model, config)
+        report = f"{sentence}\n{describe(schedule)}"
+        return io.NodeOutput(patched, report, ui={"text": [report], "mode": [mode]})

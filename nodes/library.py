@@ -1,0 +1,71 @@
+"""The schedule library: bundled schedules in the pack's `schedules/` folder and the user's own
+in ComfyUI's user directory (`<user>/procache/schedules`).
+
+Schedules are looked up by listed name only: a name is never joined onto a path, so nothing
+outside these folders can be read. Files are JSON; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import os
+
+from ..procache_core import Schedule, ScheduleError
+
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schedules")
+MAX_FILE_BYTES = 1 << 20
+
+
+def user_dir() -> str | None:
+    try:
+        import folder_paths
+        return os.path.join(folder_paths.get_user_directory(), "procache", "schedules")
+    except Exception:        # outside ComfyUI (tests of the library alone)
+        return None
+
+
+def _folders() -> list[tuple[str, str]]:
+    folders = [("bundled", BUNDLED_DIR)]
+    user = user_dir()
+    if user:
+        folders.append(("user", user))
+    return folders
+
+
+def listing() -> dict[str, str]:
+    """name -> file path, for every schedule file in the library folders (bundled first)."""
+    found: dict[str, str] = {}
+    for origin, folder in _folders():
+        if not os.path.isdir(folder):
+            continue
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if entry.endswith(".json") and os.path.isfile(path):
+                name = entry[:-5] if origin == "bundled" else f"user/{entry[:-5]}"
+                found.setdefault(name, path)
+    return found
+
+
+def load(name: str) -> Schedule:
+    """The schedule listed as `name`; a clear error for anything else."""
+    path = listing().get(name)
+    if path is None:
+        raise ScheduleError(f"no schedule named {name!r} in the library; "
+                            f"available: {', '.join(sorted(listing())) or 'none'}")
+    if os.path.getsize(path) > MAX_FILE_BYTES:
+        raise ScheduleError(f"schedule file {name!r} is larger than 1 MiB; not a schedule")
+    with open(path, encoding="utf-8") as f:
+        return Schedule.from_json(f.read(), where=f"schedule {name!r}")
+
+
+def save_user(schedule: Schedule, name: str) -> str:
+    """Write a schedule into the user's folder; the name is a plain file name, nothing else."""
+    folder = user_dir()
+    if folder is None:
+        raise ScheduleError("ComfyUI's user directory is not available")
+    safe = "".join(c for c in name if c.isalnum() or c in "-_.").strip(".")
+    if not safe or safe != name:
+        raise ScheduleError(f"schedule names may use letters, digits, '-', '_' and '.', got {name!r}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, safe + ".json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(schedule.to_json() + "\n")
+    return path

@@ -1,0 +1,202 @@
+"""ComfyUI glue: the wrappers that give each sampling run its own caching `Run`.
+
+`attach()` is all a node does to a cloned MODEL: it stores a small config under
+transformer_options and registers two keyed wrappers.
+- OUTER_SAMPLE (once per sampler run) builds the Run from the sampler's sigmas, puts it in the
+  run's own copy of the model options, wraps the sampler callback (it ends each step on the clock)
+  and frees the cache in `finally`, also on error or cancel.
+- APPLY_MODEL (every model call, every model type) attaches the Run to the diffusion model's
+  blocks for the duration of that one call.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+
+from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
+
+log = logging.getLogger("procache")
+
+CONFIG_KEY = "procache"          # transformer_options key of the ApplyConfig (deep-copied on clone)
+RUN_KEY = "procache_run"         # transformer_options key of the live Run (only inside a sampler run)
+WRAPPER_KEY = "procache"
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyConfig:
+    """What "ProCache Apply" configured. Plain data only: ModelPatcher.clone() deep-copies it."""
+
+    schedule: Schedule
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    force_last_full: bool = False
+    selector: TokenSelector = TokenSelector()
+    deep_fraction: float = 0.25
+    cache_on_cpu: bool = False
+
+
+class LastRuns:
+    """Statistics of the most recent runs, for the panel and the node report (bounded)."""
+
+    def __init__(self, keep: int = 8):
+        self._runs: collections.deque = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def publish(self, summary: dict) -> None:
+        with self._lock:
+            self._runs.append(summary)
+
+    def latest(self) -> dict | None:
+        with self._lock:
+            return self._runs[-1] if self._runs else None
+
+    def all(self) -> list[dict]:
+        with self._lock:
+            return list(self._runs)
+
+
+LAST_RUNS = LastRuns()
+
+
+def attach(model, config: ApplyConfig):
+    """A clone of `model` (a ModelPatcher) that caches per `config`; `model` is left untouched."""
+    patched = model.clone()
+    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
+        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)      # a second Apply replaces the first
+    patched.model_options.setdefault("transformer_options", {})[CONFIG_KEY] = config
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+    return patched
+
+
+def describe_model(model) -> tuple[str, str]:
+    """(mode, sentence) for the model a ModelPatcher holds: branch-level family or fallback."""
+    family, sentence = find_family(model.model.diffusion_model)
+    return (family.name if family else "model-level"), sentence
+
+
+# ---- OUTER_SAMPLE ---------------------------------------------------------------------------
+_SIGMAS, _CALLBACK = 3, 5       # positions in CFGGuider.outer_sample(noise, latent, sampler, sigmas, mask, callback, ...)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    guider = executor.class_obj
+    options = guider.model_options.setdefault("transformer_options", {})
+    config: ApplyConfig | None = options.get(CONFIG_KEY)
+    if config is None:
+        return executor(*args, **kwargs)
+    args = list(args)
+    sigmas = args[_SIGMAS] if len(args) > _SIGMAS else kwargs["sigmas"]
+    user_callback = args[_CALLBACK] if len(args) > _CALLBACK else kwargs.get("callback")
+    run = start_run(config, guider.model_patcher, sigmas)
+    if len(args) > _CALLBACK:
+        args[_CALLBACK] = run.sampler_callback(user_callback)
+    else:
+        kwargs["callback"] = run.sampler_callback(user_callback)
+    options[RUN_KEY] = run
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        options.pop(RUN_KEY, None)
+        stats = run.close()           # free cached tensors first, then report
+        summary = stats.summary()
+        summary["schedule"] = config.schedule.name
+        LAST_RUNS.publish(summary)
+        log.info(stats.line())
+
+
+def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
+    sigma_list = [float(s) for s in sigmas.flatten().tolist()]
+    schedule, notes = schedule_for_run(config.schedule, sigma_list, model_patcher.get_model_object("model_sampling"))
+    schedule = schedule.windowed(config.start_percent, config.end_percent, config.force_last_full)
+    family, sentence = find_family(model_patcher.model.diffusion_model)
+    run = Run(SchedulePolicy(schedule, config.deep_fraction), StepClock(sigma_list), family,
+              selector=config.selector, cache_device="cpu" if config.cache_on_cpu else None,
+              model_name=type(model_patcher.model.diffusion_model).__name__)
+    run.stats.notes.extend(notes + [sentence])
+    for note in notes:
+        log.info("ProCache: %s", note)
+    return run
+
+
+def schedule_for_run(schedule: Schedule, sigmas: list[float], model_sampling) -> tuple[Schedule, list[str]]:
+    """The part of `schedule` this sampler run covers, as a schedule of the run's own length.
+
+    A run of the schedule's own length uses it as is. A shorter run that is a slice of the
+    schedule's full sigma list (KSamplerAdvanced start/end steps, a second sampler continuing the
+    first) takes the matching slice. Anything else (denoise < 1 with another step count, a custom
+    sigma list) gets the schedule resampled to its length. The run's first step is always full:
+    its cache starts empty.
+    """
+    steps = len(sigmas) - 1
+    notes: list[str] = []
+    if steps == schedule.steps:
+        kinds = list(schedule.kinds)
+    else:
+        offset = _offset_in_full_schedule(schedule.steps, sigmas, model_sampling)
+        if offset is not None:
+            kinds = list(schedule.kinds[offset:offset + steps])
+            notes.append(f"this sampler runs steps {offset}..{offset + steps - 1} of the {schedule.steps}-step schedule")
+        else:
+            resampled = schedule.resampled(steps)
+            kinds = list(resampled.kinds)
+            notes.append(resampled.notes[-1])
+    if kinds[0] != StepKind.FULL:
+        kinds[0] = StepKind.FULL
+    return Schedule(kinds=tuple(kinds), name=schedule.name, family=schedule.family, sampler=schedule.sampler,
+                    provenance=schedule.provenance), notes
+
+
+def _offset_in_full_schedule(total: int, sigmas: list[float], model_sampling) -> int | None:
+    if model_sampling is None or len(sigmas) - 1 > total:
+        return None
+    run = torch.tensor(sigmas[:-1])          # the last sigma may have been forced to 0
+    for name in comfy.samplers.SCHEDULER_NAMES:
+        try:
+            full = comfy.samplers.calculate_sigmas(model_sampling, name, total).float().cpu()
+        except Exception:        # some schedulers need model details we do not have; skip them
+            continue
+        for offset in range(0, total - len(run) + 1):
+            window = full[offset:offset + len(run)]
+            if torch.allclose(window, run, rtol=1e-4, atol=1e-6):
+                return offset
+    return None
+
+
+# ---- APPLY_MODEL ----------------------------------------------------------------------------
+def apply_model_wrapper(executor, *args, **kwargs):
+    transformer_options = kwargs.get("transformer_options")
+    if transformer_options is None:
+        transformer_options = args[5] if len(args) > 5 else {}
+    run: Run | None = transformer_options.get(RUN_KEY)
+    if run is None or run.closed:
+        return executor(*args, **kwargs)
+    base_model = executor.class_obj
+    sigma = transformer_options.get("sigmas")
+    if sigma is None:
+        sigma = args[1]
+    batch = args[0].shape[0]
+    with run.model_call(base_model.diffusion_model, float(sigma.flatten()[0]), stream_ids(transformer_options, batch)):
+        return executor(*args, **kwargs)
+
+
+def stream_ids(transformer_options: dict, batch: int) -> tuple[str, ...]:
+    """One id per batch chunk: ComfyUI's per-conditioning uuid, else cond/uncond position."""
+    uuids = transformer_options.get("uuids")
+    cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
+    if uuids and len(uuids) == len(cond_or_uncond) and batch % len(uuids) == 0:
+        return tuple(str(u) for u in uuids)
+    if batch % len(cond_or_uncond) == 0:
+        seen: dict[int, int] = {}
+        ids = []
+        for c in cond_or_uncond:         # the n-th positive chunk is the same stream in every call
+            seen[c] = seen.get(c, -1) + 1
+            ids.append(f"{'uncond' if c == 1 else 'cond'}-{seen[c]}")
+        return tuple(ids)
+    return ("all",)
