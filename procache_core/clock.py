@@ -14,14 +14,16 @@ from typing import Sequence
 class StepClock:
     """Maps model calls to step indices 0..steps-1 of one sampler run, in denoising order."""
 
-    def __init__(self, sigmas: Sequence[float], offset: int = 0):
+    def __init__(self, sigmas: Sequence[float], offset: int = 0, callback_driven: bool = True):
         self.sigmas = [float(s) for s in sigmas]
         if len(self.sigmas) < 2:
             raise ValueError("a sampler run needs at least two sigmas (one step)")
         self.steps = len(self.sigmas) - 1
         self.offset = offset            # index of this run's first step in a longer schedule
+        # True when the sampler reports the end of every step (ComfyUI's samplers do, once the run
+        # wraps their callback); False locates each call by its sigma alone.
+        self.callback_driven = callback_driven
         self._finished = -1             # last step the sampler reported as done
-        self._last = 0
 
     def step_finished(self, step: int) -> None:
         """Called from the sampler callback with the index of the step that just ended."""
@@ -30,13 +32,12 @@ class StepClock:
     def step_for(self, sigma: float) -> int:
         """The run-local step index of a model call at noise level `sigma`."""
         sigma = float(sigma)
+        if not self.callback_driven:
+            return self._locate(sigma, lowest=0)
         expected = min(self._finished + 1, self.steps - 1)
         if self._contains(expected, sigma):
-            step = expected
-        else:
-            step = self._locate(sigma, lowest=expected if sigma <= self.sigmas[expected] else 0)
-        self._last = step
-        return step
+            return expected
+        return self._locate(sigma, lowest=expected if sigma <= self.sigmas[expected] else 0)
 
     def _tolerance(self, k: int) -> float:
         return 1e-5 * max(abs(self.sigmas[k]), 1e-3)

@@ -1,0 +1,167 @@
+import math
+
+import pytest
+import torch
+
+from procache_core import (CacheStore, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family,
+                           inject_selective, parse_pattern, uniform)
+from procache_core.reference.dit import DiT, DiTConfig
+from procache_core.reference.sampling import sample
+
+SIGMAS = [14.6, 8.0, 4.1, 2.0, 0.9, 0.3, 0.0]
+
+
+def _calls(kind):
+    """(sigma of each model call, step each belongs to) for common sampler shapes."""
+    steps = len(SIGMAS) - 1
+    calls = []
+    for k in range(steps):
+        calls.append((SIGMAS[k], k))
+        if kind == "heun" and SIGMAS[k + 1] > 0:
+            calls.append((SIGMAS[k + 1], k))              # corrector lands on the next step's sigma
+        if kind == "2s" and SIGMAS[k + 1] > 0:
+            calls.append((math.sqrt(SIGMAS[k] * SIGMAS[k + 1]), k))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["euler", "heun", "2s"])
+def test_clock_with_sampler_callbacks(kind):
+    clock = StepClock(SIGMAS)
+    calls = _calls(kind)
+    seen = []
+    for i, (sigma, expected) in enumerate(calls):
+        seen.append(clock.step_for(sigma))
+        last_of_step = i + 1 == len(calls) or calls[i + 1][1] != expected
+        if last_of_step:
+            clock.step_finished(expected)
+    assert seen == [e for _, e in calls]
+
+
+def test_clock_without_callbacks_follows_sigmas():
+    clock = StepClock(SIGMAS, callback_driven=False)
+    assert [clock.step_for(s) for s in SIGMAS[:-1]] == list(range(6))
+
+
+def test_cache_keeps_streams_apart_in_any_order():
+    store = CacheStore()
+    value = torch.arange(12.0).view(2, 3, 2)       # rows: cond, uncond
+    store.put(("c", "u"), "k", value)
+    assert torch.equal(store.get(("c", "u"), "k"), value)
+    assert torch.equal(store.get(("u", "c"), "k"), value.flip(0))
+    assert torch.equal(store.get(("u",), "k"), value[1:])
+    assert store.get(("c", "x"), "k") is None
+    store.clear()
+    assert len(store) == 0 and store.get(("c",), "k") is None
+
+
+def _model(depth=4):
+    torch.manual_seed(0)
+    m = DiT(DiTConfig(depth=depth, hidden=64, heads=2))
+    m.reset_parameters(zero_gates=False)
+    return m.eval()
+
+
+def _count_branch_calls(model):
+    # Hooks sit inside the branches: the branch modules themselves are still called on reuse
+    # steps (they hand back the cache), their inner layers are not.
+    counts = {"attn": 0, "mlp": 0}
+    hooks = [b.attn.qkv.register_forward_hook(lambda *a: counts.__setitem__("attn", counts["attn"] + 1))
+             for b in model.blocks]
+    hooks += [b.mlp.fc1.register_forward_hook(lambda *a: counts.__setitem__("mlp", counts["mlp"] + 1))
+              for b in model.blocks]
+    return counts, hooks
+
+
+def test_all_full_is_bit_identical_and_model_untouched():
+    m = _model()
+    labels = torch.tensor([1, 7])
+    base = sample(m, labels, steps=8)
+    full = sample(m, labels, steps=8, policy=SchedulePolicy(uniform(8, 1)))
+    assert torch.equal(base, full)
+    assert not any("forward" in mod.__dict__ for mod in m.modules())
+
+
+def test_reuse_steps_skip_branches_and_work_matches_theory():
+    m = _model()
+    schedule = parse_pattern("1,0,0,1,0,0,1,0")
+    counts, hooks = _count_branch_calls(m)
+    x, run = sample(m, torch.tensor([3]), steps=8, policy=SchedulePolicy(schedule), return_run=True)
+    for h in hooks:
+        h.remove()
+    assert counts == {"attn": 3 * 4, "mlp": 3 * 4}        # 3 full steps x 4 blocks, one batched CFG call
+    assert run.stats.flops_speedup == pytest.approx(schedule.theoretical_speedup())
+    assert run.stats.summary()["actual"]["stream 0"] == "FRRFRRFR"
+    base = sample(m, torch.tensor([3]), steps=8)
+    assert not torch.equal(x, base)                        # reuse really changed something
+    assert len(run.cache) == 0                             # freed at the end of the run
+
+
+def test_selective_ratio_one_equals_recomputing_token_wise_branches():
+    """A selective step at ratio 1 recomputes the MLP of deep blocks for every token: the same as a
+    step where deep blocks recompute MLP and reuse only attention."""
+    m = _model()
+    schedule = Schedule(kinds=(1, 2))
+    x_sel = sample(m, torch.tensor([2]), steps=2, policy=SchedulePolicy(schedule, deep_fraction=1.0),
+                   selector=TokenSelector(ratio=1.0))
+
+    # Reference: run step 1 with every MLP fresh and every attention cached, by hand.
+    cached = {}
+    hooks = [b.attn.register_forward_hook(lambda mod, i, o, k=k: cached.setdefault(k, o)) for k, b in enumerate(m.blocks)]
+    sample(m, torch.tensor([2]), steps=1)                 # fills `cached` at the first step's input
+    for h in hooks:
+        h.remove()
+    originals = [b.attn.forward for b in m.blocks]
+    x_ref = None
+    try:
+        calls = {"n": 0}
+
+        def make(k, orig):
+            def fwd(*a):
+                calls["n"] += 1
+                return orig(*a) if calls["n"] <= len(m.blocks) else cached[k]
+            return fwd
+        for k, b in enumerate(m.blocks):
+            b.attn.forward = make(k, originals[k])
+        x_ref = sample(m, torch.tensor([2]), steps=2)
+    finally:
+        for b in m.blocks:
+            b.attn.__dict__.pop("forward", None)
+    assert torch.allclose(x_sel, x_ref, atol=1e-5)
+
+
+def test_selective_ratio_zero_equals_reuse():
+    m = _model()
+    reuse = sample(m, torch.tensor([5]), steps=4, policy=SchedulePolicy(Schedule(kinds=(1, 0, 0, 0))))
+    selective = sample(m, torch.tensor([5]), steps=4, policy=SchedulePolicy(Schedule(kinds=(1, 0, 2, 0))),
+                       selector=TokenSelector(ratio=0.0))
+    assert torch.equal(reuse, selective)
+
+
+def test_selective_recomputes_only_deep_blocks_for_selected_tokens():
+    m = _model(depth=8)
+    rows = []
+    hooks = [b.mlp.fc1.register_forward_hook(lambda mod, i, o, k=k: rows.append((k, i[0].shape[1])))
+             for k, b in enumerate(m.blocks)]
+    sample(m, torch.tensor([4]), steps=3, policy=SchedulePolicy(Schedule(kinds=(1, 0, 2)), deep_fraction=0.25),
+           selector=TokenSelector(ratio=0.25))
+    for h in hooks:
+        h.remove()
+    tokens = m.cfg.tokens
+    assert rows[:8] == [(k, tokens) for k in range(8)]               # full step
+    assert rows[8:] == [(6, tokens // 4), (7, tokens // 4)]          # selective step: deepest 2 of 8
+
+
+def test_top_k_selection_by_norm_and_shared_streams():
+    x = torch.zeros(2, 10, 4)
+    x[0, [2, 5, 7]] = 5.0
+    x[1, [1, 3, 4]] = 5.0
+    sel = TokenSelector(ratio=0.3, score="norm")
+    assert sel.select(x, 0, 0).tolist() == [[2, 5, 7], [1, 3, 4]]
+    shared = TokenSelector(ratio=0.3, score="norm", shared_streams=True).select(x + torch.rand(2, 10, 4) * 0.01, 0, 0, streams=2)
+    assert shared[0].tolist() == shared[1].tolist()
+
+
+def test_family_detection_and_fallback_message():
+    assert find_family(_model())[0].name == "reference-dit"
+    family, sentence = find_family(torch.nn.Linear(2, 2))
+    assert family is None and "model-level" in sentence
