@@ -19,6 +19,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import torch
 
+from . import events
 from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
 
 log = logging.getLogger("procache")
@@ -62,6 +63,7 @@ class LastRuns:
 
 
 LAST_RUNS = LastRuns()
+events.register_routes(LAST_RUNS)
 
 
 def attach(model, config: ApplyConfig):
@@ -95,10 +97,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     sigmas = args[_SIGMAS] if len(args) > _SIGMAS else kwargs["sigmas"]
     user_callback = args[_CALLBACK] if len(args) > _CALLBACK else kwargs.get("callback")
     run = start_run(config, guider.model_patcher, sigmas)
+    callback = run.sampler_callback(user_callback, on_step=lambda step: events.send(events.STEP_EVENT, step_event(run, step)))
     if len(args) > _CALLBACK:
-        args[_CALLBACK] = run.sampler_callback(user_callback)
+        args[_CALLBACK] = callback
     else:
-        kwargs["callback"] = run.sampler_callback(user_callback)
+        kwargs["callback"] = callback
     options[RUN_KEY] = run
     try:
         return executor(*args, **kwargs)
@@ -108,7 +111,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         summary = stats.summary()
         summary["schedule"] = config.schedule.name
         LAST_RUNS.publish(summary)
+        events.send(events.RUN_EVENT, summary)
         log.info(stats.line())
+
+
+def step_event(run: Run, step: int) -> dict:
+    summary = run.stats.summary()
+    return {"step": step, "steps": summary["steps"], "planned": summary["planned"], "actual": summary["actual"],
+            "mode": summary["mode"], "seconds": summary["seconds_per_step"][step] if step < summary["steps"] else 0.0}
 
 
 def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:

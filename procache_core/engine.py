@@ -58,10 +58,13 @@ class Run:
         self.closed = False
 
     # ---- the sampler's side ------------------------------------------------------------------
-    def sampler_callback(self, user_callback: Callable | None) -> Callable:
-        """A sampler callback that advances the clock, then calls the user's one (previews)."""
+    def sampler_callback(self, user_callback: Callable | None,
+                         on_step: Callable[[int], None] | None = None) -> Callable:
+        """A sampler callback that ends the step on the clock, then calls the user's (previews)."""
         def callback(step, *args, **kwargs):
             self.clock.step_finished(step)
+            if on_step is not None:
+                on_step(step)
             if user_callback is not None:
                 return user_callback(step, *args, **kwargs)
         return callback
