@@ -9,6 +9,7 @@ log = logging.getLogger("procache")
 STEP_EVENT = "procache.step"     # after every sampler step: the kinds so far, per stream
 RUN_EVENT = "procache.run"       # when a run ends: its whole summary
 ROUTE = "/procache/last_run"
+SCHEDULES_ROUTE = "/procache/schedules"   # library name -> pattern digits, for the Loader's preview
 
 
 def _server():
@@ -29,7 +30,7 @@ def send(event: str, data: dict) -> None:
         log.debug("ProCache: could not send %s: %s", event, e)
 
 
-def register_routes(last_runs) -> bool:
+def register_routes(last_runs, schedule_patterns) -> bool:
     server = _server()
     if server is None or not hasattr(server, "routes"):
         return False
@@ -38,5 +39,9 @@ def register_routes(last_runs) -> bool:
     @server.routes.get(ROUTE)
     async def last_run(request):
         return web.json_response({"latest": last_runs.latest(), "recent": last_runs.all()})
+
+    @server.routes.get(SCHEDULES_ROUTE)
+    async def schedules(request):
+        return web.json_response(schedule_patterns())
 
     return True

@@ -63,7 +63,20 @@ class LastRuns:
 
 
 LAST_RUNS = LastRuns()
-events.register_routes(LAST_RUNS)
+
+
+def _library_patterns() -> dict[str, str]:
+    from . import library
+    patterns = {}
+    for name in library.listing():
+        try:
+            patterns[name] = library.load(name).pattern
+        except Exception as e:       # one bad user file must not hide the others
+            patterns[name] = f"error: {e}"
+    return patterns
+
+
+events.register_routes(LAST_RUNS, _library_patterns)
 
 
 def attach(model, config: ApplyConfig):
