@@ -32,7 +32,7 @@ class ProCacheApply(io.ComfyNode):
                                          "video models, costs a copy on every cached step."),
                 SELECTOR.Input("selector", optional=True,
                                tooltip="From Token Importance Selector: which tokens selective steps recompute. "
-                                       "Without it, selective steps refresh 10% of tokens by input norm."),
+                                       "Without it, selective steps refresh 10% of the tokens of the deepest 25% of blocks, by output norm."),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),

@@ -21,7 +21,7 @@ from .families.base import Branch, BlockStack, FamilySpec, linear_params, resolv
 from .policy import Policy
 from .schedule import StepKind
 from .stats import RunStats
-from .tokens import TokenSelector, gather_tokens, scatter_tokens
+from .tokens import SelectionContext, TokenSelector, gather_tokens, scatter_tokens
 
 _MISSING = object()
 
@@ -53,6 +53,8 @@ class Run:
         self.stats = RunStats(planned, mode=f"branch:{family.name}" if family else "model-level",
                               model=model_name)
         self.branch_calls = [0] * clock.steps   # full-token branch computations per step (tests, panel)
+        self.selected_tokens = [0] * clock.steps  # tokens recomputed on selective steps, per step
+        self.policy_steps = clock.offset + clock.steps
         self._cost_cache: dict[int, int] = {}
         self._started = time.perf_counter()
         self.closed = False
@@ -117,6 +119,7 @@ class _Call:
         self.step_kind = run.policy.step_kind(self.schedule_step)
         self.work = _CallWork()
         self._num_blocks = 0
+        self._recomputing = False
 
     # ---- attaching ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -142,8 +145,16 @@ class _Call:
     def _tap(self, index: int, block: nn.Module, branch: Branch):
         def make(original):
             def forward(*args, **kwargs):
-                tokens = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                return self.branch(index, block, branch, self.block_kind(index), original, tokens, args[1:], kwargs)
+                if self._recomputing:     # a family's selective code calling the module itself
+                    return original(*args, **kwargs)
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                rows = None
+                if branch.token_wise and x is not None:
+                    def rows(idx, tokens, kept):
+                        return original(gather_tokens(tokens, idx), *args[1:], **kwargs)
+                return self.branch(index, block, branch, self.block_kind(index), like=x,
+                                   full=lambda: original(*args, **kwargs),
+                                   tokens=(lambda: x) if x is not None else None, rows=rows, inputs=args)
             return forward
         return make
 
@@ -156,10 +167,8 @@ class _Call:
                 if kind == StepKind.FULL:
                     return original(*args, **kwargs)
 
-                def branch(name, module=None, tokens=None, like=None):
-                    b = branches[name]
-                    x = tokens() if tokens is not None and kind == StepKind.SELECTIVE and b.token_wise else None
-                    return self.branch(index, block, b, kind, module, x, (), {}, like=like)
+                def branch(name, like, tokens=None, rows=None):
+                    return self.branch(index, block, branches[name], kind, like=like, tokens=tokens, rows=rows)
                 try:
                     return block_stack.reuse_forward(block, branch, *args, **kwargs)
                 except CacheMiss:
@@ -178,40 +187,84 @@ class _Call:
             self.block_kind = saved
 
     # ---- the branch decision -------------------------------------------------------------------
-    def branch(self, index: int, block: nn.Module, branch: Branch, kind: StepKind,
-               compute: Callable | None, tokens: torch.Tensor | None, rest: tuple, kwargs: dict,
-               like: torch.Tensor | None = None) -> torch.Tensor:
-        run, key = self.run, (index, branch.name)
-        shape_ref = tokens if tokens is not None else like
-        rows = shape_ref.shape[1] if shape_ref is not None and shape_ref.ndim >= 3 else 1
-        full_cost = run.branch_cost(block, branch, rows)
+    def branch(self, index: int, block: nn.Module, branch: Branch, kind: StepKind, *, like: torch.Tensor | None,
+               full: Callable[[], torch.Tensor] | None = None, tokens: Callable[[], torch.Tensor] | None = None,
+               rows: Callable | None = None, inputs: tuple = ()) -> torch.Tensor:
+        """The output of one branch at this call.
+
+        like: a tensor whose (batch, tokens) dims the output has (shape check of the cache).
+        full(): the whole branch output, computed (None: it can only come from the cache).
+        tokens(): the branch's per-token input; called only when tokens are scored or kept.
+        rows(idx, tokens, kept): output rows of tokens `idx`, for selective steps.
+        inputs: the branch module's positional inputs, for the branch's `keep_inputs`.
+        """
+        run = self.run
+        rows_n = like.shape[1] if like is not None and like.ndim >= 3 else 1
+        full_cost = run.branch_cost(block, branch, rows_n)
         self.work.flops_full += full_cost
         if kind != StepKind.FULL:
-            cached = run.cache.get(self.streams, key, device=shape_ref.device if shape_ref is not None else None)
-            if cached is not None and shape_ref is not None and cached.shape[:2] != shape_ref.shape[:2]:
+            cached = run.cache.get(self.streams, (index, branch.name), device=like.device if like is not None else None)
+            if cached is not None and like is not None and cached.shape[:2] != like.shape[:2]:
                 cached = None        # another resolution or batch layout: never reuse stale tensors
-            if cached is None:
-                if compute is None or tokens is None:
-                    raise CacheMiss(key)
-                self.work.misses += 1
-            elif kind == StepKind.REUSE or not branch.token_wise or compute is None or tokens is None:
+            if cached is not None:
+                if kind == StepKind.SELECTIVE and rows is not None and tokens is not None and self._refreshes(branch):
+                    return self._selective(index, branch, cached, tokens(), rows, full_cost)
                 return cached
-            else:
-                return self._selective(index, branch, compute, tokens, rest, kwargs, cached, full_cost)
-        out = compute(tokens, *rest, **kwargs) if tokens is not None else compute(*rest, **kwargs)
-        run.cache.put(self.streams, key, out)
+            if full is None:
+                raise CacheMiss((index, branch.name))
+            self.work.misses += 1
+        out = full()
+        self._store_full(index, block, branch, out, tokens, inputs)
         self.work.flops_done += full_cost
         self.work.computed += 1
         return out
 
-    def _selective(self, index, branch, compute, tokens, rest, kwargs, cached, full_cost):
-        run = self.run
-        idx = run.selector.select(tokens, self.schedule_step, index, streams=len(self.streams))
+    def _refreshes(self, branch: Branch) -> bool:
+        modules = self.run.selector.modules
+        return branch.role in modules or (branch.role == "fused" and "mlp" in modules)
+
+    def _store_full(self, index, block, branch, out, tokens, inputs):
+        run, key = self.run, (index, branch.name)
+        run.cache.put(self.streams, key, out)
+        if branch.keep_inputs is not None and inputs:
+            for name, value in branch.keep_inputs(block, inputs).items():
+                run.cache.put(self.streams, key + (name,), value)
+        deep = self._refreshes(branch) and run.policy.refreshes(index, self._num_blocks)
+        if not deep or not out.ndim >= 3:
+            return
+        if run.selector.needs_reference and tokens is not None:
+            run.cache.put(self.streams, key + ("reference",), tokens())
+        if run.selector.tracks_staleness:
+            run.cache.put(self.streams, key + ("staleness",), out.new_zeros(out.shape[:2], dtype=torch.int32))
+
+    def _selective(self, index, branch, cached, tokens, rows, full_cost):
+        run, key = self.run, (index, branch.name)
+        get = lambda name: run.cache.get(self.streams, key + (name,), device=cached.device)  # noqa: E731
+        staleness = get("staleness") if run.selector.tracks_staleness else None
+        ctx = SelectionContext(tokens=tokens, cached=cached, reference=get("reference"), staleness=staleness,
+                               step=self.schedule_step, steps=run.policy_steps, block=index,
+                               blocks=self._num_blocks, role="mlp" if branch.role == "fused" else branch.role,
+                               streams=len(self.streams))
+        idx = run.selector.select(ctx)
+        if staleness is not None:
+            staleness = (staleness + 1).scatter(1, idx, 0)
+            run.cache.put(self.streams, key + ("staleness",), staleness)
         if idx.shape[1] == 0:
             return cached
-        fresh = compute(gather_tokens(tokens, idx), *rest, **kwargs)
+
+        def kept(name):
+            value = get(name)
+            if value is None:
+                raise CacheMiss(key + (name,))
+            return value
+        self._recomputing = True
+        try:
+            fresh = rows(idx, tokens, kept)
+        finally:
+            self._recomputing = False
         updated = scatter_tokens(cached, idx, fresh)
-        run.cache.put(self.streams, (index, branch.name), updated)
+        run.cache.put(self.streams, key, updated)
+        run.selected_tokens[self.step] += idx.shape[1] * idx.shape[0]
         self.work.flops_done += full_cost * idx.shape[1] / tokens.shape[1]
         self.work.selective += 1
         return updated

@@ -17,6 +17,9 @@ class Policy(Protocol):
     def block_kind(self, step: int, block: int, num_blocks: int) -> StepKind:
         """What block `block` of `num_blocks` does at `step`."""
 
+    def refreshes(self, block: int, num_blocks: int) -> bool:
+        """Whether the block ever recomputes tokens (so its full steps keep scoring state)."""
+
 
 class SchedulePolicy:
     """Follows a per-step schedule; selective steps touch only the deepest blocks.
@@ -36,6 +39,9 @@ class SchedulePolicy:
 
     def first_deep_block(self, num_blocks: int) -> int:
         return num_blocks - round(self.deep_fraction * num_blocks)
+
+    def refreshes(self, block: int, num_blocks: int) -> bool:
+        return StepKind.SELECTIVE in self.schedule.kinds and block >= self.first_deep_block(num_blocks)
 
     def block_kind(self, step: int, block: int, num_blocks: int) -> StepKind:
         kind = self.step_kind(step)

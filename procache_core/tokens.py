@@ -1,30 +1,78 @@
 """Token selection for selective steps: which tokens a deep block recomputes.
 
-Scores are computed per batch row on the branch's current input (the residual stream after the
-current step's modulation), so the selection follows what the block sees now.
+On a selective step each deep block ranks its tokens and recomputes the refreshable branches
+(MLP, cross-attention) for the top ones only. The ranking is made per batch row from what the
+block has at hand on that step, so no score makes a full step slower:
+
+    score            what it reads                                     extra cost
+    ---------------  ------------------------------------------------  -------------------------------
+    output_norm      L2 norm of the token's cached branch output        none (the cache is there)
+                     (the paper's ‖v_i‖)
+    input_norm       L2 norm of the token's current branch input        none
+    change           how far the branch input moved since the last      one stored input per deep branch
+                     full step (relative L2)                            (memory), a subtraction
+    random           seeded random tokens                               none
+
+Two bonuses from ToCa/ProCache are added on top: staleness (tokens not refreshed for a while rank
+higher) and a spatial bonus (the best token of every g x g cell of a square token grid is boosted,
+so refreshes spread over the image).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
-SCORES = ("norm", "random")
+SCORES = ("output_norm", "input_norm", "change", "random")
+MODULES = ("mlp", "cross_attention")
+RATIO_SCHEDULES = ("constant", "toca")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionContext:
+    """What a deep branch knows on a selective step."""
+
+    tokens: torch.Tensor                   # [B, N, C] the branch's current input
+    cached: torch.Tensor                   # [B, N, C'] the branch's cached output
+    reference: torch.Tensor | None         # [B, N, C] the branch input at the last full step
+    staleness: torch.Tensor | None         # [B, N] selective steps since each token was refreshed
+    step: int
+    steps: int
+    block: int
+    blocks: int
+    role: str                              # "mlp" or "cross_attention"
+    streams: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenSelector:
     """How many and which tokens a selective step recomputes.
 
-    ratio: share of tokens recomputed per deep block (0 = a selective step is a reuse step,
-        1 = recompute every token of the token-wise branches). Raising it costs time linearly.
-    score: "norm" (L2 norm of the token's branch input, cheap) or "random" (seeded).
-    shared_streams: use one selection for every CFG stream (the mean score), as the paper's
-        PixArt code does; off selects per stream.
+    ratio: base share of tokens recomputed per deep block. 0 makes selective steps plain reuse,
+        1 recomputes every token of the refreshed branches. Cost grows linearly with it.
+    ratio_schedule: "constant" uses `ratio` everywhere; "toca" scales it by step, depth and module
+        as the method's code does (more tokens late in sampling, in deeper blocks and in the MLP),
+        clamped to [0, 1].
+    modules: which token-wise branches selective steps refresh ("mlp", "cross_attention").
+        Self-attention is never refreshed on cached steps.
+    score: see the module docstring.
+    staleness_weight: weight of the staleness bonus (0 turns it off); the bonus is
+        weight * (selective steps since refresh) / staleness_norm.
+    spatial_grid / spatial_bonus: on square token grids, the top token of each grid x grid cell
+        is multiplied by (1 + bonus); 0 turns it off.
+    shared_streams: one selection for every CFG stream (the mean score), as the method's PixArt
+        code does; off selects per stream.
     """
 
     ratio: float = 0.1
-    score: str = "norm"
+    ratio_schedule: str = "constant"
+    modules: tuple[str, ...] = MODULES
+    score: str = "output_norm"
+    staleness_weight: float = 0.25
+    staleness_norm: float = 4.0
+    spatial_grid: int = 2
+    spatial_bonus: float = 0.0
     shared_streams: bool = False
     seed: int = 0
 
@@ -33,28 +81,76 @@ class TokenSelector:
             raise ValueError(f"token ratio must be in [0, 1], got {self.ratio}")
         if self.score not in SCORES:
             raise ValueError(f"unknown token score {self.score!r}; choose one of {', '.join(SCORES)}")
+        if self.ratio_schedule not in RATIO_SCHEDULES:
+            raise ValueError(f"unknown ratio schedule {self.ratio_schedule!r}; choose {' or '.join(RATIO_SCHEDULES)}")
+        unknown = set(self.modules) - set(MODULES)
+        if unknown:
+            raise ValueError(f"unknown modules {sorted(unknown)}; selective steps refresh {', '.join(MODULES)}")
+        if self.staleness_norm <= 0:
+            raise ValueError("staleness_norm must be positive")
 
-    def count(self, tokens: int) -> int:
-        return int(self.ratio * tokens)
+    @property
+    def needs_reference(self) -> bool:
+        return self.score == "change"
 
-    def scores(self, tokens: torch.Tensor, step: int, block: int) -> torch.Tensor:
+    @property
+    def tracks_staleness(self) -> bool:
+        return self.staleness_weight > 0
+
+    def ratio_at(self, step: int, steps: int, block: int, blocks: int, role: str) -> float:
+        if self.ratio_schedule == "constant":
+            return self.ratio
+        # The method's DiT schedule, for any step count: its step counter runs down from T-1, so
+        # the factor grows along denoising; deeper blocks and the MLP get more tokens.
+        steps_left = steps - 1 - step
+        step_factor = 3.0 - 4.0 * steps_left / max(steps, 1)
+        layer_factor = 0.8 + 0.4 * block / max(blocks - 1, 1)
+        module_factor = 2.5 if role == "mlp" else 1.0
+        return min(1.0, max(0.0, self.ratio * step_factor * layer_factor * module_factor))
+
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
         """[B, N] importance of each token (higher = recompute first)."""
         if self.score == "random":
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + block)
-            return torch.rand(tokens.shape[:2], generator=gen).to(tokens.device)
-        return tokens.float().norm(dim=-1)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step * 1009 + ctx.block * 7 + len(ctx.role))
+            base = torch.rand(ctx.tokens.shape[:2], generator=gen).to(ctx.tokens.device)
+        elif self.score == "input_norm":
+            base = ctx.tokens.float().norm(dim=-1)
+        elif self.score == "change" and ctx.reference is not None and ctx.reference.shape == ctx.tokens.shape:
+            moved = (ctx.tokens.float() - ctx.reference.float()).norm(dim=-1)
+            base = moved / (ctx.reference.float().norm(dim=-1) + 1e-6)
+        else:            # output_norm, and `change` before any reference exists
+            base = ctx.cached.float().norm(dim=-1)
+        base = base / (base.norm(dim=-1, keepdim=True) + 1e-12)     # comparable scale per row
+        if self.tracks_staleness and ctx.staleness is not None:
+            base = base + self.staleness_weight * ctx.staleness.float() / self.staleness_norm
+        if self.spatial_bonus > 0:
+            base = spatial_bonus(base, self.spatial_grid, self.spatial_bonus)
+        return base
 
-    def select(self, tokens: torch.Tensor, step: int, block: int, streams: int = 1) -> torch.Tensor:
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
         """[B, k] indices of the top-k tokens per batch row, sorted ascending."""
-        batch, n = tokens.shape[:2]
-        k = self.count(n)
+        batch, n = ctx.tokens.shape[:2]
+        k = int(self.ratio_at(ctx.step, ctx.steps, ctx.block, ctx.blocks, ctx.role) * n)
         if k == 0:
-            return torch.empty(batch, 0, dtype=torch.long, device=tokens.device)
-        score = self.scores(tokens, step, block)
-        if self.shared_streams and streams > 1:
-            per_stream = score.reshape(streams, batch // streams, n).mean(0)
-            score = per_stream.repeat(streams, 1)
+            return torch.empty(batch, 0, dtype=torch.long, device=ctx.tokens.device)
+        score = self.scores(ctx)
+        if self.shared_streams and ctx.streams > 1 and batch % ctx.streams == 0:
+            score = score.reshape(ctx.streams, batch // ctx.streams, n).mean(0).repeat(ctx.streams, 1)
         return score.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def spatial_bonus(score: torch.Tensor, grid: int, bonus: float) -> torch.Tensor:
+    """Boost the best token of each grid x grid cell; only for square token layouts."""
+    batch, n = score.shape
+    side = math.isqrt(n)
+    if side * side != n or side % grid:
+        return score
+    cells = score.view(batch, side // grid, grid, side // grid, grid).permute(0, 1, 3, 2, 4)
+    cells = cells.reshape(batch, -1, grid * grid)
+    best = cells.argmax(dim=-1, keepdim=True)
+    boosted = cells.scatter(-1, best, cells.gather(-1, best) * (1 + bonus))
+    boosted = boosted.view(batch, side // grid, side // grid, grid, grid).permute(0, 1, 3, 2, 4)
+    return boosted.reshape(batch, n)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 from procache_core import (CacheStore, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family,
                            inject_selective, parse_pattern, uniform)
 from procache_core.reference.dit import DiT, DiTConfig
+from procache_core.tokens import SelectionContext, spatial_bonus
 from procache_core.reference.sampling import sample
 
 SIGMAS = [14.6, 8.0, 4.1, 2.0, 0.9, 0.3, 0.0]
@@ -151,14 +152,53 @@ def test_selective_recomputes_only_deep_blocks_for_selected_tokens():
     assert rows[8:] == [(6, tokens // 4), (7, tokens // 4)]          # selective step: deepest 2 of 8
 
 
-def test_top_k_selection_by_norm_and_shared_streams():
+def _ctx(tokens, cached=None, **kw):
+    base = dict(tokens=tokens, cached=tokens if cached is None else cached, reference=None, staleness=None,
+                step=0, steps=10, block=0, blocks=4, role="mlp", streams=1)
+    base.update(kw)
+    return SelectionContext(**base)
+
+
+def test_top_k_selection_by_score_and_shared_streams():
     x = torch.zeros(2, 10, 4)
     x[0, [2, 5, 7]] = 5.0
     x[1, [1, 3, 4]] = 5.0
-    sel = TokenSelector(ratio=0.3, score="norm")
-    assert sel.select(x, 0, 0).tolist() == [[2, 5, 7], [1, 3, 4]]
-    shared = TokenSelector(ratio=0.3, score="norm", shared_streams=True).select(x + torch.rand(2, 10, 4) * 0.01, 0, 0, streams=2)
+    sel = TokenSelector(ratio=0.3, score="input_norm", staleness_weight=0)
+    assert sel.select(_ctx(x)).tolist() == [[2, 5, 7], [1, 3, 4]]
+    by_output = TokenSelector(ratio=0.3, score="output_norm", staleness_weight=0)
+    assert by_output.select(_ctx(torch.zeros(2, 10, 4), cached=x)).tolist() == [[2, 5, 7], [1, 3, 4]]
+    noisy = x + torch.rand(2, 10, 4) * 0.01
+    shared = TokenSelector(ratio=0.3, score="input_norm", shared_streams=True).select(_ctx(noisy, streams=2))
     assert shared[0].tolist() == shared[1].tolist()
+    own = TokenSelector(ratio=0.3, score="input_norm", shared_streams=False).select(_ctx(noisy, streams=2))
+    assert own[0].tolist() != own[1].tolist()
+
+
+def test_change_score_staleness_and_spatial_bonus():
+    ref = torch.ones(1, 16, 4)
+    now = ref.clone()
+    now[0, 9] += 3.0
+    sel = TokenSelector(ratio=1 / 16, score="change", staleness_weight=0)
+    assert sel.select(_ctx(now, reference=ref)).tolist() == [[9]]
+    stale = torch.zeros(1, 16, dtype=torch.int32)
+    stale[0, 4] = 40                       # never refreshed for a long time: outranks the change
+    with_stale = TokenSelector(ratio=1 / 16, score="change", staleness_weight=0.25)
+    assert with_stale.select(_ctx(now, reference=ref, staleness=stale)).tolist() == [[4]]
+    flat = torch.ones(1, 16)
+    boosted = spatial_bonus(flat + torch.arange(16.0) * 1e-3, grid=2, bonus=0.6)
+    assert (boosted > 1.5).sum() == 4      # one token in each of the four 2x2 cells
+
+
+def test_toca_ratio_schedule_grows_late_and_deep():
+    sel = TokenSelector(ratio=0.07, ratio_schedule="toca")
+    assert sel.ratio_at(10, 50, 21, 28, "mlp") == 0.0             # the method's early zero-ratio steps
+    assert sel.ratio_at(14, 50, 21, 28, "mlp") == pytest.approx(0.039, abs=5e-4)   # method.md §3.11
+    late, early = sel.ratio_at(35, 50, 21, 28, "mlp"), sel.ratio_at(14, 50, 21, 28, "mlp")
+    assert late > early > 0
+    assert sel.ratio_at(35, 50, 27, 28, "mlp") > late
+    assert sel.ratio_at(35, 50, 21, 28, "cross_attention") < late
+    with pytest.raises(ValueError, match="score"):
+        TokenSelector(score="nope")
 
 
 def test_family_detection_and_fallback_message():

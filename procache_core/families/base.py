@@ -15,23 +15,42 @@ from typing import Callable
 from torch import nn
 
 
+ROLES = ("self_attention", "cross_attention", "mlp", "fused")
+
+
 @dataclasses.dataclass(frozen=True)
 class Branch:
     """One cached branch of a block.
 
     name: the cache key part ("attn", "cross_attn", "mlp", ...).
     path: dotted path of the submodule whose output is the pre-gate branch output.
-    token_wise: each output token depends only on the same input token (MLP) or on that token
-        and the text (cross-attention), so it can be recomputed for a subset of tokens.
+    role: "self_attention" (never recomputed on cached steps), "cross_attention" and "mlp" (token-
+        wise: each output token depends only on that token and the text, so a subset of tokens can
+        be recomputed), or "fused" (attention and MLP through one output projection, as Flux's
+        single blocks; refreshed only by a family's own selective code).
     cost_paths: submodules whose weights count toward the branch's FLOPs (default: `path`).
-    attention: the branch has a tokens x keys attention term in its FLOPs.
+    keep_inputs: at full steps, extra tensors to keep from the branch module's inputs,
+        keep_inputs(block, args) -> {name: tensor}; a family's selective code reads them back.
     """
 
     name: str
     path: str
-    token_wise: bool
+    role: str
     cost_paths: tuple[str, ...] = ()
-    attention: bool = False
+    keep_inputs: Callable | None = None
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"branch role must be one of {ROLES}, got {self.role!r}")
+
+    @property
+    def token_wise(self) -> bool:
+        return self.role in ("cross_attention", "mlp")
+
+    @property
+    def attention(self) -> bool:
+        """Whether the branch's FLOPs have a tokens x tokens term."""
+        return self.role in ("self_attention", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +59,10 @@ class BlockStack:
 
     attr: str
     branches: tuple[Branch, ...]
-    # reuse_forward(block, branch, *args, **kwargs) -> the block's output, where
-    # branch(name, module=None, tokens=None, like=None) returns the branch output the engine
-    # decides on (cached, or cached with a subset of tokens recomputed from `tokens()`).
+    # reuse_forward(block, branch, *args, **kwargs) -> the block's output on reuse and selective
+    # steps, where branch(name, like, tokens=None, rows=None) returns the branch output the engine
+    # decides on: the cache, or on selective steps the cache with the rows of the chosen tokens
+    # replaced by rows(idx, tokens, kept) (kept(name) reads a tensor kept by `keep_inputs`).
     reuse_forward: Callable | None = None
 
 

@@ -3,10 +3,12 @@
 Flux computes attention between `qkv` and `proj` inside the block, so a branch submodule cannot
 skip it; on reuse steps the blocks run the small forwards below, built from the block's own
 modulation and norms, and add the cached pre-gate branch outputs. Full steps run Flux's own code.
-The single block's `linear2` fuses attention and MLP; its output is cached as one branch.
+The single block's `linear2` fuses attention and MLP; its output is cached as one branch, and the
+attention half of its input is kept so that selective steps can refresh the MLP half alone.
 """
 import torch
 
+from ..tokens import gather_tokens
 from .base import BlockStack, Branch, FamilySpec
 
 
@@ -43,17 +45,40 @@ def double_block_reuse(block, branch, img, txt, vec, pe=None, attn_mask=None,
         (im1, im2), (tm1, tm2) = vec
     di, dt = modulation_dims_img, modulation_dims_txt
     img = img + _gated(branch("img_attn", like=img), im1.gate, di)
-    img = img + _gated(branch("img_mlp", block.img_mlp, lambda: _modulated(block.img_norm2(img), im2, di), like=img),
+    img = img + _gated(_mlp(branch, "img_mlp", block.img_mlp, lambda: _modulated(block.img_norm2(img), im2, di), img),
                        im2.gate, di)
     txt = txt + _gated(branch("txt_attn", like=txt), tm1.gate, dt)
-    txt = txt + _gated(branch("txt_mlp", block.txt_mlp, lambda: _modulated(block.txt_norm2(txt), tm2, dt), like=txt),
+    txt = txt + _gated(_mlp(branch, "txt_mlp", block.txt_mlp, lambda: _modulated(block.txt_norm2(txt), tm2, dt), txt),
                        tm2.gate, dt)
     return img, _finite(txt)
 
 
+def _mlp(branch, name, mlp, tokens, like):
+    return branch(name, like=like, tokens=tokens, rows=lambda idx, h, kept: mlp(gather_tokens(h, idx)))
+
+
 def single_block_reuse(block, branch, x, vec, pe=None, attn_mask=None, modulation_dims=None, transformer_options={}):
     mod = block.modulation(vec)[0] if getattr(block, "modulation", None) else vec
-    return _finite(x + _gated(branch("fused", like=x), mod.gate, modulation_dims))
+
+    def mlp_rows(idx, h, kept):
+        # linear2 mixes attention and MLP; refresh only the MLP half for the chosen tokens and
+        # pair it with their cached attention output (kept from the last full step).
+        hidden = block.linear1(gather_tokens(h, idx))
+        mlp_width = getattr(block, "mlp_hidden_dim_first", block.mlp_hidden_dim)
+        mlp = hidden[..., 3 * block.hidden_size:3 * block.hidden_size + mlp_width]
+        if getattr(block, "yak_mlp", False):
+            mlp = block.mlp_act(mlp[..., mlp_width // 2:]) * mlp[..., :mlp_width // 2]
+        else:
+            mlp = block.mlp_act(mlp)
+        attn = gather_tokens(kept("attn_out"), idx)
+        return block.linear2(torch.cat((attn, mlp), dim=-1))
+
+    fused = branch("fused", like=x, tokens=lambda: _modulated(block.pre_norm(x), mod, modulation_dims), rows=mlp_rows)
+    return _finite(x + _gated(fused, mod.gate, modulation_dims))
+
+
+def _keep_attention_output(block, args):
+    return {"attn_out": args[0][..., :block.hidden_size]}
 
 
 def _is_flux(model) -> bool:
@@ -70,13 +95,14 @@ FLUX = FamilySpec(
     description="Flux: double blocks (image/text attention and MLP), single blocks (fused output)",
     stacks=(
         BlockStack("double_blocks", reuse_forward=double_block_reuse, branches=(
-            Branch("img_attn", "img_attn.proj", token_wise=False, attention=True, cost_paths=("img_attn",)),
-            Branch("img_mlp", "img_mlp", token_wise=True),
-            Branch("txt_attn", "txt_attn.proj", token_wise=False, attention=True, cost_paths=("txt_attn",)),
-            Branch("txt_mlp", "txt_mlp", token_wise=True),
+            Branch("img_attn", "img_attn.proj", role="self_attention", cost_paths=("img_attn",)),
+            Branch("img_mlp", "img_mlp", role="mlp"),
+            Branch("txt_attn", "txt_attn.proj", role="self_attention", cost_paths=("txt_attn",)),
+            Branch("txt_mlp", "txt_mlp", role="mlp"),
         )),
         BlockStack("single_blocks", reuse_forward=single_block_reuse, branches=(
-            Branch("fused", "linear2", token_wise=False, attention=True, cost_paths=("linear1", "linear2")),
+            Branch("fused", "linear2", role="fused", cost_paths=("linear1", "linear2"),
+                   keep_inputs=_keep_attention_output),
         )),
     ),
     detect=_is_flux,

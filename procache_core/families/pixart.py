@@ -16,9 +16,9 @@ PIXART = FamilySpec(
     name="pixart",
     description="PixArt-α/Σ: self-attention, cross-attention and MLP per block",
     stacks=(BlockStack("blocks", branches=(
-        Branch("attn", "attn", token_wise=False, attention=True),
-        Branch("cross_attn", "cross_attn", token_wise=True),
-        Branch("mlp", "mlp", token_wise=True),
+        Branch("attn", "attn", role="self_attention"),
+        Branch("cross_attn", "cross_attn", role="cross_attention"),
+        Branch("mlp", "mlp", role="mlp"),
     )),),
     detect=_is_pixart,
 )

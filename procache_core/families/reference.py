@@ -5,8 +5,8 @@ REFERENCE = FamilySpec(
     name="reference-dit",
     description="reference DiT: self-attention and MLP, adaLN-Zero gates",
     stacks=(BlockStack("blocks", branches=(
-        Branch("attn", "attn", token_wise=False, attention=True),
-        Branch("mlp", "mlp", token_wise=True),
+        Branch("attn", "attn", role="self_attention"),
+        Branch("mlp", "mlp", role="mlp"),
     )),),
     detect=lambda m: type(m).__name__ == "DiT" and hasattr(m, "blocks") and hasattr(m, "final_layer"),
 )

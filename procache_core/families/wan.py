@@ -18,9 +18,9 @@ WAN = FamilySpec(
     name="wan",
     description="Wan 2.1/2.2: self-attention, cross-attention and FFN per block",
     stacks=(BlockStack("blocks", branches=(
-        Branch("self_attn", "self_attn", token_wise=False, attention=True),
-        Branch("cross_attn", "cross_attn", token_wise=True),
-        Branch("ffn", "ffn", token_wise=True),
+        Branch("self_attn", "self_attn", role="self_attention"),
+        Branch("cross_attn", "cross_attn", role="cross_attention"),
+        Branch("ffn", "ffn", role="mlp"),
     )),),
     detect=_is_wan,
 )
