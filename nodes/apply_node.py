@@ -1,12 +1,16 @@
 """ProCache Apply: a MODEL that caches by the connected schedule (the input MODEL is untouched)."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..procache_core import ScheduleError, TokenSelector
 from .runtime import ApplyConfig, attach, describe_model
 from .schedule_loader import SCHEDULE, describe
 from .selector_node import SELECTOR, SelectorConfig
+
+log = logging.getLogger("procache")
 
 
 class ProCacheApply(io.ComfyNode):
@@ -50,6 +54,9 @@ class ProCacheApply(io.ComfyNode):
                              force_last_full=force_last_full, selector=selector.tokens,
                              deep_fraction=selector.deep_fraction, cache_on_cpu=cache_on_cpu)
         mode, sentence = describe_model(model)
+        if mode == "none":
+            log.warning("ProCache: %s", sentence)
+            return io.NodeOutput(model, sentence, ui={"text": [sentence], "mode": [mode]})
         patched = attach(model, config)
         report = f"{sentence}\n{describe(schedule)}"
         return io.NodeOutput(patched, report, ui={"text": [report], "mode": [mode]})

@@ -21,6 +21,7 @@ import torch
 
 from . import events
 from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
+from ..procache_core.families import is_unet
 
 log = logging.getLogger("procache")
 
@@ -91,8 +92,12 @@ def attach(model, config: ApplyConfig):
 
 
 def describe_model(model) -> tuple[str, str]:
-    """(mode, sentence) for the model a ModelPatcher holds: branch-level family or fallback."""
-    family, sentence = find_family(model.model.diffusion_model)
+    """(mode, sentence) for the model a ModelPatcher holds: branch-level family, fallback, or none."""
+    diffusion_model = model.model.diffusion_model
+    if is_unet(diffusion_model):
+        return "none", (f"{type(diffusion_model).__name__} is a UNet (SD1.5/SDXL style), not a diffusion "
+                        "transformer: ProCache left it unchanged")
+    family, sentence = find_family(diffusion_model)
     return (family.name if family else "model-level"), sentence
 
 

@@ -12,6 +12,11 @@ from .wan import WAN
 FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN)
 
 
+def is_unet(model: nn.Module) -> bool:
+    """SD1.5 / SDXL style UNets: the pack caches transformer blocks, which they do not have."""
+    return all(hasattr(model, name) for name in ("input_blocks", "middle_block", "output_blocks"))
+
+
 def find_family(model: nn.Module) -> tuple[FamilySpec | None, str]:
     """The family for `model` and a sentence for the user saying which mode it gets and why."""
     name = type(model).__name__
@@ -30,4 +35,4 @@ def find_family(model: nn.Module) -> tuple[FamilySpec | None, str]:
     return None, f"{name}: no branch-level adapter; using model-level reuse of the output residual"
 
 
-__all__ = ["FAMILIES", "find_family", "FamilySpec", "BlockStack", "Branch"]
+__all__ = ["FAMILIES", "find_family", "is_unet", "FamilySpec", "BlockStack", "Branch"]
