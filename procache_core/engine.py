@@ -134,6 +134,8 @@ class _Call:
             for index, block_stack, block in blocks:
                 for branch in block_stack.branches:
                     module = resolve(block, branch.path)
+                    if module is None:      # an optional branch this block does not have
+                        continue
                     stack.enter_context(_instance_forward(module, self._tap(index, block, branch)))
                 if block_stack.reuse_forward is not None:
                     stack.enter_context(_instance_forward(block, self._block_forward(index, block, block_stack)))

@@ -7,9 +7,10 @@ from .base import BlockStack, Branch, FamilySpec
 from .flux import FLUX
 from .pixart import PIXART
 from .reference import REFERENCE
+from .sd3 import SD3
 from .wan import WAN
 
-FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN)
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3)
 
 
 def is_unet(model: nn.Module) -> bool:

@@ -31,6 +31,8 @@ class Branch:
     cost_paths: submodules whose weights count toward the branch's FLOPs (default: `path`).
     keep_inputs: at full steps, extra tensors to keep from the branch module's inputs,
         keep_inputs(block, args) -> {name: tensor}; a family's selective code reads them back.
+    optional: the submodule exists only in some blocks (SD3's last context block has no MLP,
+        SD3.5's second self-attention is in the first blocks only); blocks without it skip it.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Branch:
     role: str
     cost_paths: tuple[str, ...] = ()
     keep_inputs: Callable | None = None
+    optional: bool = False
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -91,7 +94,7 @@ class FamilySpec:
                 continue
             for i, block in enumerate(blocks):
                 for branch in stack.branches:
-                    if resolve(block, branch.path) is None:
+                    if not branch.optional and resolve(block, branch.path) is None:
                         issues.append(f"{stack.attr}[{i}] has no submodule '{branch.path}'")
                         break
         return issues

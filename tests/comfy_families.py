@@ -1,0 +1,100 @@
+"""Tiny models of the DiT families beyond PixArt/Flux/Wan, built from ComfyUI's own classes.
+
+Each `Family` says how to build the model (supported_models config + unet_config, random weights),
+what its latent and conditioning look like, and, for the tests, which modules hold the work a
+reuse step skips (`counted`), which module outputs a selective step keeps from the last full step
+(`replayed`: the reference for "selective at ratio 1 equals recomputing the chosen modules"), and
+which module sees only the selected rows on a selective step (`refreshed`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+import comfy_env
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    config: Callable            # (version) -> (supported_models class, unet_config)
+    inputs: Callable            # (batch, gen) -> (latent, positive, negative)
+    counted: Callable           # (diffusion_model) -> modules that do the work reuse steps skip
+    replayed: Callable          # (diffusion_model) -> modules whose outputs selective steps keep
+    refreshed: Callable         # (diffusion_model) -> modules that see only selected rows
+    new_only: bool = False      # the family exists in ComfyUI 0.8.0 but not in 0.3.64
+    seq: int = 6                # text tokens
+
+
+def is_old(version: str) -> bool:
+    return version.startswith("0.3.")
+
+
+# ---- SD3 / SD3.5 ---------------------------------------------------------------------------------
+def _sd3_config(version):
+    import comfy.supported_models as sm
+    # depth 2 -> hidden 128 (MMDiT fixes head size 64); block 0 has SD3.5 Medium's second attention
+    return sm.SD3, {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+                    "adm_in_channels": 32, "pos_embed_scaling_factor": None, "pos_embed_max_size": 8,
+                    "num_patches": 64, "qk_norm": "rms", "x_block_self_attn_layers": [0],
+                    "context_embedder_config": {"target": "torch.nn.Linear",
+                                                "params": {"in_features": 32, "out_features": 128}}}
+
+
+def _text(gen, batch_seq, width, **extra):
+    return [[torch.randn(1, batch_seq, width, generator=gen), dict(extra)]]
+
+
+def _sd3_inputs(batch, gen):
+    pooled = lambda: torch.randn(1, 32, generator=gen)  # noqa: E731
+    return (torch.zeros(batch, 16, 16, 16), _text(gen, 6, 32, pooled_output=pooled()),
+            _text(gen, 6, 32, pooled_output=pooled()))
+
+
+def _sd3_blocks(dm):
+    return list(dm.joint_blocks)
+
+
+SD3 = Family(
+    name="sd3", config=_sd3_config, inputs=_sd3_inputs,
+    counted=lambda dm: [m for b in _sd3_blocks(dm) for m in
+                        (b.x_block.attn.qkv, b.x_block.mlp, b.context_block.attn.qkv)],
+    replayed=lambda dm: [m for b in _sd3_blocks(dm) for m in
+                         (b.x_block.attn.proj, getattr(b.x_block, "attn2", None) and b.x_block.attn2.proj,
+                          getattr(b.context_block.attn, "proj", None)) if m is not None],
+    refreshed=lambda dm: [b.x_block.mlp.fc1 for b in _sd3_blocks(dm)],
+)
+
+
+FAMILIES = {f.name: f for f in (SD3,)}
+
+
+# ---- building and sampling -----------------------------------------------------------------------
+def available(name: str) -> bool:
+    return not (FAMILIES[name].new_only and is_old(comfy_env.load_comfy()))
+
+
+def make_patcher(name: str, seed: int = 0):
+    import comfy.model_patcher
+    cls, unet_config = FAMILIES[name].config(comfy_env.load_comfy())
+    cfg = cls(unet_config)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "", device=torch.device("cpu"))
+    comfy_env._fill(model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def sample(patcher, name: str, steps: int = 4, cfg: float = 2.0, seed: int = 0, batch: int = 1,
+           sampler: str = "euler", scheduler: str = "simple", start_step=None, last_step=None,
+           latent=None, force_full_denoise=False):
+    import comfy.sample
+    gen = torch.Generator().manual_seed(seed + 1000)
+    lat, pos, neg = FAMILIES[name].inputs(batch, gen)
+    if latent is not None:
+        lat = latent
+    noise = comfy.sample.prepare_noise(lat, seed)
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, pos, neg, lat,
+                               start_step=start_step, last_step=last_step, force_full_denoise=force_full_denoise,
+                               seed=seed, disable_pbar=True)
