@@ -68,7 +68,27 @@ SD3 = Family(
 )
 
 
-FAMILIES = {f.name: f for f in (SD3,)}
+# ---- Qwen-Image --------------------------------------------------------------------------------
+def _qwen_config(version):
+    import comfy.supported_models as sm
+    return sm.QwenImage, {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+                          "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+                          "joint_attention_dim": 32, "axes_dims_rope": (8, 12, 12)}
+
+
+def _qwen_inputs(batch, gen):
+    return torch.zeros(batch, 16, 1, 16, 16), _text(gen, 6, 32), _text(gen, 6, 32)
+
+
+QWEN = Family(
+    name="qwen_image", config=_qwen_config, inputs=_qwen_inputs,
+    counted=lambda dm: [m for b in dm.transformer_blocks for m in (b.attn.to_q, b.img_mlp, b.txt_mlp)],
+    replayed=lambda dm: [m for b in dm.transformer_blocks for m in (b.attn.to_out[0], b.attn.to_add_out)],
+    refreshed=lambda dm: [b.img_mlp.net[0].proj for b in dm.transformer_blocks],
+)
+
+
+FAMILIES = {f.name: f for f in (SD3, QWEN)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------
