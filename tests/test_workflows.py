@@ -1,0 +1,332 @@
+"""The shipped workflows against a real ComfyUI's node definitions, and the ones whose models can
+be built tiny run end to end through ComfyUI's own executor.
+
+Node definitions come from ComfyUI itself: `nodes.init_extra_nodes` loads comfy_extras (as the
+server does at start-up), and the pack's nodes are registered from its `comfy_entrypoint`. Every
+UI workflow (workflows/*.json, example_workflows/*.json) and API workflow (workflows/api/*.json)
+is checked for: known node types, every widget value valid for its type, range and options (combo
+values that name model files are exempt: nobody has the files here), links whose output type
+matches the input type, every required input given, and the UI and API files describing the same
+graph.
+"""
+from __future__ import annotations
+
+import asyncio
+import glob
+import inspect
+import json
+import os
+
+import pytest
+
+import comfy_env
+
+pytestmark = pytest.mark.skipif(comfy_env.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH")
+
+ROOT = comfy_env.PACK_ROOT
+UI_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+API_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*.json")))
+TEMPLATE_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+FRONTEND_ONLY = {"Note", "MarkdownNote"}          # frontend nodes, never sent to the server
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+MODEL_FILE_ENDINGS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin", ".gguf", ".sft")
+_infos: dict = {}
+
+
+# ---- node definitions, as the server builds /object_info ---------------------------------------
+def node_infos() -> dict:
+    if _infos:
+        return _infos
+    comfy_env.load_comfy()
+    import nodes
+    from comfy_api.internal import _ComfyNodeInternal
+    kwargs = {"init_custom_nodes": False}
+    if "init_api_nodes" in inspect.signature(nodes.init_extra_nodes).parameters:
+        kwargs["init_api_nodes"] = False
+    asyncio.run(nodes.init_extra_nodes(**kwargs))
+    pack = comfy_env.load_pack()
+    extension = asyncio.run(pack.comfy_entrypoint())
+    for cls in asyncio.run(extension.get_node_list()):
+        nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if issubclass(cls, _ComfyNodeInternal):
+            _infos[name] = cls.GET_NODE_INFO_V1()
+        else:
+            types = cls.INPUT_TYPES()
+            _infos[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()},
+                            "output": list(cls.RETURN_TYPES),
+                            "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+                            "category": getattr(cls, "CATEGORY", "sd")}
+    return _infos
+
+
+def spec_type(spec) -> str:
+    return "COMBO" if isinstance(spec[0], (list, tuple)) else spec[0]
+
+
+def spec_options(spec) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def is_widget(spec) -> bool:
+    return spec_type(spec) in WIDGET_TYPES and not spec_options(spec).get("forceInput", False)
+
+
+def has_control(name: str, spec) -> bool:
+    """The frontend adds a 'control after generate' widget after seeds."""
+    return spec_type(spec) == "INT" and spec_options(spec).get("control_after_generate", False)
+
+
+def widget_inputs(info: dict) -> list[tuple[str, tuple, bool]]:
+    """(name, spec, is_control) in the order of a UI node's widgets_values."""
+    out = []
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        for name in info["input_order"].get(section, []):
+            spec = specs[name]
+            if is_widget(spec):
+                out.append((name, spec, False))
+                if has_control(name, spec):
+                    out.append((name, spec, True))
+    return out
+
+
+def value_problem(name: str, spec, value) -> str | None:
+    kind, options = spec_type(spec), spec_options(spec)
+    if kind == "INT":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{name}={value!r} is not an integer"
+    elif kind == "FLOAT":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{name}={value!r} is not a number"
+    elif kind == "STRING":
+        return None if isinstance(value, str) else f"{name}={value!r} is not text"
+    elif kind == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{name}={value!r} is not a boolean"
+    elif kind == "COMBO":
+        choices = spec[0] if isinstance(spec[0], (list, tuple)) else options.get("options", [])
+        if isinstance(value, str) and value.lower().endswith(MODEL_FILE_ENDINGS):
+            return None                     # a model file: the list depends on the user's models folder
+        return None if value in choices else f"{name}={value!r} is not one of {list(choices)[:12]}"
+    if kind in ("INT", "FLOAT"):
+        if "min" in options and value < options["min"]:
+            return f"{name}={value} is below its minimum {options['min']}"
+        if "max" in options and value > options["max"]:
+            return f"{name}={value} is above its maximum {options['max']}"
+    return None
+
+
+def types_match(output_type: str, input_type: str) -> bool:
+    if "*" in (output_type, input_type):
+        return True
+    return output_type in input_type.split(",") or input_type == output_type
+
+
+def all_specs(info: dict) -> dict:
+    return {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+
+
+# ---- checking one UI workflow ---------------------------------------------------------------------------
+def ui_problems(doc: dict, infos: dict) -> list[str]:
+    problems = []
+    nodes = {n["id"]: n for n in doc["nodes"]}
+    if doc.get("version") != 0.4:
+        problems.append(f"version {doc.get('version')} (the 0.8.0 frontend writes 0.4)")
+    if len(nodes) != len(doc["nodes"]):
+        problems.append("duplicate node ids")
+    links = {link[0]: link for link in doc["links"]}
+    if max(nodes) > doc["last_node_id"] or (links and max(links) > doc["last_link_id"]):
+        problems.append("last_node_id/last_link_id below an id in use")
+    for node in doc["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        if node["type"] in FRONTEND_ONLY:
+            if not (node.get("widgets_values") and isinstance(node["widgets_values"][0], str)):
+                problems.append(f"{where}: a note without text")
+            continue
+        info = infos.get(node["type"])
+        if info is None:
+            problems.append(f"{where}: no such node type in this ComfyUI")
+            continue
+        specs = all_specs(info)
+        expected = widget_inputs(info)
+        values = node.get("widgets_values", [])
+        if len(values) != len(expected):
+            problems.append(f"{where}: {len(values)} widget values, the node has {len(expected)} widgets")
+            continue
+        for (name, spec, control), value in zip(expected, values):
+            if control:
+                if value not in CONTROL_VALUES:
+                    problems.append(f"{where}: control after generate {value!r}")
+                continue
+            problem = value_problem(name, spec, value)
+            if problem:
+                problems.append(f"{where}: {problem}")
+        linked = {inp["name"] for inp in node.get("inputs", []) if inp.get("link") is not None}
+        for name in info["input_order"].get("required", []):
+            if not is_widget(info["input"]["required"][name]) and name not in linked:
+                problems.append(f"{where}: required input {name} is not connected")
+        for slot, inp in enumerate(node.get("inputs", [])):
+            if inp["name"] not in specs:
+                problems.append(f"{where}: input {inp['name']} does not exist")
+            elif inp.get("link") is not None:
+                link = links.get(inp["link"])
+                if link is None or link[3] != node["id"] or link[4] != slot:
+                    problems.append(f"{where}: input {inp['name']} names link {inp['link']}, which does not end here")
+        for slot, output in enumerate(node.get("outputs", [])):
+            for link_id in output.get("links") or []:
+                link = links.get(link_id)
+                if link is None or link[1] != node["id"] or link[2] != slot:
+                    problems.append(f"{where}: output {slot} names link {link_id}, which does not start here")
+    for link_id, origin, origin_slot, target, target_slot, type_ in doc["links"]:
+        where = f"link {link_id}"
+        if origin not in nodes or target not in nodes:
+            problems.append(f"{where}: joins a node that does not exist")
+            continue
+        source_info, target_info = infos.get(nodes[origin]["type"]), infos.get(nodes[target]["type"])
+        if source_info is None or target_info is None:
+            continue
+        if origin_slot >= len(source_info["output"]):
+            problems.append(f"{where}: {nodes[origin]['type']} has no output {origin_slot}")
+            continue
+        output_type = source_info["output"][origin_slot]
+        output_type = output_type if isinstance(output_type, str) else "COMBO"
+        target_inputs = nodes[target].get("inputs", [])
+        if target_slot >= len(target_inputs):
+            problems.append(f"{where}: {nodes[target]['type']} has no input slot {target_slot}")
+            continue
+        input_name = target_inputs[target_slot]["name"]
+        input_type = spec_type(all_specs(target_info)[input_name]) if input_name in all_specs(target_info) else "?"
+        if not (types_match(output_type, input_type) and type_ == output_type):
+            problems.append(f"{where}: {nodes[origin]['type']} gives {output_type} (link says {type_}), "
+                            f"{nodes[target]['type']}.{input_name} takes {input_type}")
+    return problems
+
+
+def ui_to_api(doc: dict, infos: dict) -> dict:
+    """What the frontend sends for a UI workflow (the widget values by name, links as [id, slot])."""
+    links = {link[0]: link for link in doc["links"]}
+    prompt = {}
+    for node in doc["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        info = infos[node["type"]]
+        inputs = {}
+        for (name, _, control), value in zip(widget_inputs(info), node["widgets_values"]):
+            if not control:
+                inputs[name] = value
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                link = links[inp["link"]]
+                inputs[inp["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def api_problems(prompt: dict, infos: dict) -> list[str]:
+    problems = []
+    for node_id, node in prompt.items():
+        where = f"node {node_id} ({node['class_type']})"
+        info = infos.get(node["class_type"])
+        if info is None:
+            problems.append(f"{where}: no such node type in this ComfyUI")
+            continue
+        specs = all_specs(info)
+        for name in info["input_order"].get("required", []):
+            if name not in node["inputs"]:
+                problems.append(f"{where}: required input {name} missing")
+        for name, value in node["inputs"].items():
+            if name not in specs:
+                problems.append(f"{where}: input {name} does not exist")
+                continue
+            spec = specs[name]
+            if isinstance(value, list):
+                source = prompt.get(value[0])
+                if source is None or source["class_type"] not in infos:
+                    problems.append(f"{where}: {name} comes from missing node {value[0]}")
+                    continue
+                outputs = infos[source["class_type"]]["output"]
+                if value[1] >= len(outputs):
+                    problems.append(f"{where}: {name} comes from output {value[1]} that does not exist")
+                    continue
+                output_type = outputs[value[1]] if isinstance(outputs[value[1]], str) else "COMBO"
+                if not types_match(output_type, spec_type(spec)):
+                    problems.append(f"{where}: {name} takes {spec_type(spec)}, gets {output_type}")
+            elif not is_widget(spec):
+                problems.append(f"{where}: {name} needs a connection, has the value {value!r}")
+            else:
+                problem = value_problem(name, spec, value)
+                if problem:
+                    problems.append(f"{where}: {problem}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def infos():
+    return node_infos()
+
+
+def _load(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def test_comfy_every_workflow_has_both_formats_and_a_template():
+    assert len(UI_FILES) >= 8
+    assert [_stem(p) for p in UI_FILES] == [_stem(p) for p in API_FILES]
+    assert [_stem(p) for p in UI_FILES] == [_stem(p) for p in TEMPLATE_FILES]
+    for ui, template in zip(UI_FILES, TEMPLATE_FILES):
+        assert _load(ui) == _load(template), f"example_workflows/{os.path.basename(template)} is stale"
+
+
+@pytest.mark.parametrize("path", UI_FILES + TEMPLATE_FILES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_comfy_ui_workflow_is_valid(infos, path):
+    doc = _load(path)
+    assert ui_problems(doc, infos) == []
+    types = [n["type"] for n in doc["nodes"]]
+    assert "ProCacheScheduleLoader" in types and "ProCacheApply" in types
+    assert any(t in FRONTEND_ONLY for t in types), "each workflow carries a note on its model files"
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_comfy_api_workflow_is_valid_and_matches_ui(infos, path):
+    prompt = _load(path)
+    assert api_problems(prompt, infos) == []
+    ui = _load(os.path.join(ROOT, "workflows", os.path.basename(path)))
+    stripped = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+    assert ui_to_api(ui, infos) == stripped
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_comfy_schedule_text_reproduces_the_run(infos, path):
+    """The schedule is carried as text and matches the sampler's step count."""
+    prompt = _load(path)
+    from procache_comfyui.nodes.schedule_loader import build_schedule
+    loaders = [n for n in prompt.values() if n["class_type"] == "ProCacheScheduleLoader"]
+    assert loaders
+    for loader in loaders:
+        inputs = loader["inputs"]
+        assert inputs["source"] == "typed pattern"
+        schedule = build_schedule(**inputs)
+        samplers = [n for n in prompt.values() if n["class_type"] in ("KSampler", "KSamplerAdvanced")]
+        assert {s["inputs"]["steps"] for s in samplers} == {schedule.steps} == {inputs["steps"]}
+
+
+def test_comfy_checker_catches_broken_workflows(infos):
+    """The checks above can fail: a wrong combo value, a value out of range, a mistyped link."""
+    doc = _load(os.path.join(ROOT, "workflows", "procache_flux_dev_t2i.json"))
+    nodes = {n["type"]: n for n in doc["nodes"]}
+    nodes["KSampler"]["widgets_values"][4] = "no_such_sampler"
+    nodes["ProCacheApply"]["widgets_values"][1] = 1.5
+    vae_link = next(l for l in doc["links"] if l[5] == "VAE")
+    vae_link[5] = "MODEL"
+    problems = ui_problems(doc, infos)
+    assert any("no_such_sampler" in p for p in problems)
+    assert any("end_percent=1.5 is above" in p for p in problems)
+    assert any(f"link {vae_link[0]}" in p for p in problems)
+    del nodes["ProCacheApply"]["widgets_values"][-1]
+    assert any("widget values" in p for p in ui_problems(doc, infos))
