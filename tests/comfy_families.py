@@ -25,7 +25,12 @@ class Family:
     replayed: Callable          # (diffusion_model) -> modules whose outputs selective steps keep
     refreshed: Callable         # (diffusion_model) -> modules that see only selected rows
     new_only: bool = False      # the family exists in ComfyUI 0.8.0 but not in 0.3.64
-    seq: int = 6                # text tokens
+    spec: str = ""              # the pack's family name when it differs (Z-Image runs as lumina2)
+    weight_scale: float = 0.02  # std of the random weights (large enough that every branch matters)
+
+    @property
+    def adapter(self) -> str:
+        return self.spec or self.name
 
 
 def is_old(version: str) -> bool:
@@ -88,7 +93,39 @@ QWEN = Family(
 )
 
 
-FAMILIES = {f.name: f for f in (SD3, QWEN)}
+# ---- Lumina 2 / Z-Image --------------------------------------------------------------------------
+def _lumina_config(version, z_image=False):
+    import comfy.supported_models as sm
+    cfg = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 2,
+           "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "ffn_dim_multiplier": 4.0,
+           "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [8, 12, 12], "axes_lens": [16, 32, 32]}
+    if z_image:       # Z-Image: another modulation input width, time scale, rope theta, token padding
+        # (its adaLN input is the 256-wide time embedding, so dim must be at least 256)
+        cfg.update({"dim": 256, "axes_dims": [32, 48, 48], "n_kv_heads": 2, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True,
+                    "time_scale": 1000.0, "rope_theta": 256.0, "pad_tokens_multiple": 32})
+        return sm.ZImage, cfg
+    return sm.Lumina2, cfg
+
+
+def _lumina_inputs(batch, gen):
+    mask = torch.ones(1, 6, dtype=torch.long)   # 0.3.64 reads the text length from the mask only
+    return (torch.zeros(batch, 16, 16, 16), _text(gen, 6, 32, attention_mask=mask),
+            _text(gen, 6, 32, attention_mask=mask))
+
+
+def _lumina(name, **config):
+    return Family(
+        name=name, config=lambda version: _lumina_config(version, **config), inputs=_lumina_inputs,
+        counted=lambda dm: [m for b in dm.layers for m in (b.attention.qkv, b.feed_forward.w1)],
+        replayed=lambda dm: [b.attention for b in dm.layers],
+        refreshed=lambda dm: [b.feed_forward.w1 for b in dm.layers],
+        new_only=bool(config), spec="lumina2", weight_scale=0.2)
+
+
+LUMINA = _lumina("lumina2")
+Z_IMAGE = _lumina("z_image", z_image=True)
+
+FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------
@@ -102,7 +139,7 @@ def make_patcher(name: str, seed: int = 0):
     cfg = cls(unet_config)
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, "", device=torch.device("cpu"))
-    comfy_env._fill(model, seed)
+    comfy_env._fill(model, seed, FAMILIES[name].weight_scale)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 

@@ -47,7 +47,7 @@ def _spec(name):
 def test_adapter_is_chosen(pack, family):
     mp = comfy_families.make_patcher(family.name)
     mode, sentence = pack.describe_model(mp)
-    assert mode == family.name, sentence
+    assert mode == family.adapter, sentence
     assert "branch-level" in sentence
 
 
@@ -127,7 +127,7 @@ def test_selective_recomputes_only_the_selected_share(pack, family):
 def test_changed_blocks_fall_back_to_model_level(pack, family):
     """A ComfyUI update that renames a branch module: Apply says so and caches the model output."""
     mp = comfy_families.make_patcher(family.name)
-    spec = _spec(family.name)
+    spec = _spec(family.adapter)
     stack = spec.stacks[0]
     path = next(b.path for b in stack.branches if not b.optional)
     block = getattr(mp.model.diffusion_model, stack.attr)[0]
@@ -142,4 +142,4 @@ def test_changed_blocks_fall_back_to_model_level(pack, family):
     finally:
         setattr(parent, leaf, module)
     assert mode == "model-level"
-    assert family.name in sentence and "changed" in sentence and leaf in sentence
+    assert family.adapter in sentence and "changed" in sentence and leaf in sentence

@@ -5,13 +5,14 @@ from torch import nn
 
 from .base import BlockStack, Branch, FamilySpec
 from .flux import FLUX
+from .lumina import LUMINA
 from .pixart import PIXART
 from .qwen import QWEN_IMAGE
 from .reference import REFERENCE
 from .sd3 import SD3
 from .wan import WAN
 
-FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE)
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA)
 
 
 def is_unet(model: nn.Module) -> bool:
