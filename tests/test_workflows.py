@@ -330,3 +330,208 @@ def test_comfy_checker_catches_broken_workflows(infos):
     assert any(f"link {vae_link[0]}" in p for p in problems)
     del nodes["ProCacheApply"]["widgets_values"][-1]
     assert any("widget values" in p for p in ui_problems(doc, infos))
+
+
+# ---- end to end: the API graphs through ComfyUI's executor, with tiny models ----------------------------
+# UNETLoader loads tiny PixArt and Wan transformers written to a temporary diffusion_models folder
+# (shaped so ComfyUI's own model detection recognises them). FLUX's detection fixes the width at
+# 3072, so FLUX graphs get a tiny FLUX from a stand-in loader node instead. Text encoders and VAEs
+# cannot be built tiny (their configs are fixed): text-encode nodes are replaced by a node that
+# gives conditioning of the right shape, and the decode/save tail by a node that keeps the latent.
+# Everything between (model sampling shift, FluxGuidance, ConditioningZeroOut, the ProCache nodes,
+# KSampler / KSamplerAdvanced) runs as shipped, with the shipped step counts and schedules.
+TINY_PX = {"pixart": 320, "flux": 128, "wan": 64}   # PixArt's position embedding needs >= 40 latent pixels
+END_TO_END = {
+    "procache_pixart_sigma_t2i": "pixart_sigma",
+    "procache_pixart_alpha_t2i": "pixart_alpha",
+    "procache_flux_dev_t2i": "flux",
+    "procache_flux_schnell_t2i": "flux",
+    "procache_wan21_t2v": "wan",
+    "procache_wan22_t2v": "wan",
+}
+SINK: list = []
+
+
+class TinyConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["pixart", "pixart_alpha", "flux", "wan"],), "seed": ("INT", {"default": 0}),
+                             "width": ("INT", {"default": 0}), "height": ("INT", {"default": 0})}}
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    def encode(self, family, seed, width, height):
+        import torch
+        gen = torch.Generator().manual_seed(seed)
+        if family == "flux":
+            return ([[torch.randn(1, 6, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]],)
+        extra = {"width": width, "height": height} if family == "pixart_alpha" else {}
+        return ([[torch.randn(1, 8 if family.startswith("pixart") else 5, 4096, generator=gen), extra]],)
+
+
+class TinyModelLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["flux"],), "seed": ("INT", {"default": 0})}}
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family, seed):
+        return (comfy_env.make_patcher(family, seed),)
+
+
+class LatentSink:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+    RETURN_TYPES = ()
+    FUNCTION = "keep"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def keep(self, samples):
+        SINK.append(samples["samples"].clone())
+        return {}
+
+
+def _tiny_unet_state_dict(kind: str, seed: int):
+    """A PixArt or Wan transformer small enough for a test, shaped so ComfyUI's detection reads it back."""
+    import torch
+    import comfy.supported_models as sm
+    if kind == "wan":
+        cls, config = comfy_env.tiny_config("wan")
+    else:       # detection fixes PixArt's width (1152) and heads (16); one block keeps it small
+        alpha = kind == "pixart_alpha"
+        cls = sm.PixArtAlpha if alpha else sm.PixArtSigma
+        config = {"image_model": kind, "hidden_size": 1152, "num_heads": 16, "depth": 1, "patch_size": 2,
+                  "in_channels": 4, "model_max_length": 8, "micro_condition": alpha}
+    model_config = cls(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in model.diffusion_model.state_dict().items():
+        state[key] = (torch.randn(value.shape, generator=gen) * 0.02).to(torch.float16) \
+            if value.is_floating_point() else value
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, infos):
+    """Tiny transformers under the file names the workflows name, in a registered diffusion_models folder."""
+    import torch
+    import folder_paths
+    import nodes
+    import comfy.utils
+    folder = tmp_path_factory.mktemp("diffusion_models")
+    for stem, kind in END_TO_END.items():
+        if kind == "flux":
+            continue
+        prompt = _load(os.path.join(ROOT, "workflows", "api", f"{stem}.json"))
+        for i, node in enumerate(n for n in prompt.values() if n["class_type"] == "UNETLoader"):
+            name = node["inputs"]["unet_name"]
+            state = _tiny_unet_state_dict(kind, seed=len(name) + i)
+            if name.endswith(".pth"):
+                torch.save(state, folder / name)
+            else:
+                comfy.utils.save_torch_file(state, str(folder / name))
+    folder_paths.add_model_folder_path("diffusion_models", str(folder), is_default=True)
+    folder_paths.filename_list_cache.clear()
+    nodes.NODE_CLASS_MAPPINGS.update({"ProCacheTestConditioning": TinyConditioning,
+                                      "ProCacheTestTinyModel": TinyModelLoader, "ProCacheTestLatentSink": LatentSink})
+    yield folder
+    for name in ("ProCacheTestConditioning", "ProCacheTestTinyModel", "ProCacheTestLatentSink"):
+        nodes.NODE_CLASS_MAPPINGS.pop(name, None)
+
+
+def tiny_graph(prompt: dict, kind: str, cached: bool = True) -> dict:
+    """The API graph with the substitutions above; cached=False bypasses every ProCache Apply."""
+    prompt = json.loads(json.dumps(prompt))
+    family = "pixart" if kind.startswith("pixart") else kind
+    px = TINY_PX[family]
+    for node_id, node in list(prompt.items()):
+        t, inputs = node["class_type"], node["inputs"]
+        if t in ("CLIPTextEncode", "CLIPTextEncodePixArtAlpha"):
+            prompt[node_id] = {"class_type": "ProCacheTestConditioning",
+                               "inputs": {"family": kind if kind != "pixart_sigma" else "pixart",
+                                          "seed": int(node_id), "width": px * 8, "height": px * 8}}
+        elif t == "UNETLoader" and family == "flux":
+            prompt[node_id] = {"class_type": "ProCacheTestTinyModel", "inputs": {"family": "flux", "seed": 0}}
+        elif t in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo"):
+            inputs.update(width=px, height=px)
+            if "length" in inputs:
+                inputs["length"] = 9
+        elif t == "VAEDecode":
+            prompt[node_id] = {"class_type": "ProCacheTestLatentSink", "inputs": {"samples": inputs["samples"]}}
+    if not cached:
+        for node in prompt.values():
+            for name, value in node["inputs"].items():
+                if isinstance(value, list) and prompt[value[0]]["class_type"] == "ProCacheApply":
+                    node["inputs"][name] = prompt[value[0]]["inputs"]["model"]
+    # keep what the sink needs (drops the loaders of text encoders and VAEs, and the save nodes)
+    keep, todo = set(), [k for k, n in prompt.items() if n["class_type"] == "ProCacheTestLatentSink"]
+    while todo:
+        node_id = todo.pop()
+        if node_id not in keep:
+            keep.add(node_id)
+            todo += [v[0] for v in prompt[node_id]["inputs"].values() if isinstance(v, list)]
+    return {k: v for k, v in prompt.items() if k in keep}
+
+
+class _Server:
+    """What ComfyUI's executor needs from the server when nobody is listening."""
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+def run_graph(prompt: dict):
+    import execution
+    valid = asyncio.run(execution.validate_prompt("procache-test", prompt, None))
+    assert valid[0], (valid[1], valid[3])
+    SINK.clear()
+    # built as main.py builds it (the keyword changed between versions)
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+    else:
+        executor = execution.PromptExecutor(_Server())
+    executor.execute(prompt, "procache-test", {}, valid[2])
+    assert executor.success, executor.status_messages[-1:]
+    assert len(SINK) == 1
+    return SINK[0]
+
+
+@pytest.mark.parametrize("stem", list(END_TO_END))
+def test_comfy_workflow_runs_end_to_end_with_tiny_models(tiny_models, stem):
+    import torch
+    from procache_comfyui.nodes.runtime import LAST_RUNS
+    from procache_comfyui.nodes.schedule_loader import build_schedule
+    kind = END_TO_END[stem]
+    prompt = _load(os.path.join(ROOT, "workflows", "api", f"{stem}.json"))
+    applies = [n for n in prompt.values() if n["class_type"] == "ProCacheApply"]
+    loader = next(n for n in prompt.values() if n["class_type"] == "ProCacheScheduleLoader")
+    schedule = build_schedule(**loader["inputs"])
+
+    runs_before = len(LAST_RUNS.all())
+    cached = run_graph(tiny_graph(prompt, kind))
+    runs = LAST_RUNS.all()[runs_before:] if runs_before < 8 else LAST_RUNS.all()[-len(applies):]
+    assert torch.isfinite(cached).all()
+    if not kind.startswith("pixart"):       # PixArt's fixed width makes a second, uncached run slow
+        plain = run_graph(tiny_graph(prompt, kind, cached=False))
+        assert cached.shape == plain.shape
+        assert not torch.equal(cached, plain), "the cached graph computed exactly what the plain one did"
+    assert len(runs) == len(applies)            # one ProCache run per sampler (two for Wan 2.2's experts)
+    planned = "".join(run["planned"] for run in runs)
+    assert planned == schedule.pattern or (len(runs) == 2 and planned.count("1") >= schedule.pattern.count("1"))
+    for run in runs:
+        assert run["mode"] != "model-level", run["mode"]       # block-level families
+        actual = next(iter(run["actual"].values()))
+        assert run["counts"]["reuse"] > 0 and actual.count("F") < len(actual)
