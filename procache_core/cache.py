@@ -51,6 +51,14 @@ class CacheStore:
             value = value.to(device)
         return value
 
+    def discard(self, streams: Sequence[str], key: Hashable) -> None:
+        """Forget `key` for these streams (other streams keep theirs)."""
+        for stream in streams:
+            self._parts.pop((stream, key), None)
+        whole = self._whole.get(key)
+        if whole is not None and any(s in whole[0] for s in streams):
+            del self._whole[key]
+
     def __len__(self) -> int:
         return len(self._parts)
 

@@ -18,6 +18,7 @@ from torch import nn
 from .cache import CacheStore
 from .clock import StepClock
 from .families.base import Branch, BlockStack, FamilySpec, linear_params, resolve
+from .forecast import Forecaster, ForecastFitter, ForecastState, group_name
 from .policy import Policy
 from .schedule import StepKind
 from .stats import RunStats
@@ -43,12 +44,16 @@ class Run:
     """State of one sampling run: clock, cache, statistics. Freed by `close()`."""
 
     def __init__(self, policy: Policy, clock: StepClock, family: FamilySpec | None,
-                 selector: TokenSelector | None = None, cache_device=None, model_name: str = ""):
+                 selector: TokenSelector | None = None, cache_device=None, model_name: str = "",
+                 forecaster: Forecaster | None = None, recorder: ForecastFitter | None = None):
         self.policy = policy
         self.clock = clock
         self.family = family
         self.selector = selector or TokenSelector()
         self.cache = CacheStore(cache_device)
+        # Forecasting (None: reuse copies the last full value) and calibration recording.
+        self.forecast = ForecastState(forecaster) if forecaster is not None else None
+        self.recorder = recorder
         planned = [policy.step_kind(clock.offset + k) for k in range(clock.steps)]
         self.stats = RunStats(planned, mode=f"branch:{family.name}" if family else "model-level",
                               model=model_name)
@@ -75,7 +80,7 @@ class Run:
     def model_call(self, model: nn.Module, sigma: float, streams: Sequence[str]):
         """Attach to `model` for one call at noise level `sigma` with these CFG streams."""
         step = self.clock.step_for(sigma)
-        call = _Call(self, step, tuple(streams), model)
+        call = _Call(self, step, tuple(streams), model, float(sigma))
         started = time.perf_counter()
         try:
             with call.attached():
@@ -110,9 +115,10 @@ class Run:
 class _Call:
     """One model call: which step, which streams, what each block does."""
 
-    def __init__(self, run: Run, step: int, streams: tuple[str, ...], model: nn.Module):
+    def __init__(self, run: Run, step: int, streams: tuple[str, ...], model: nn.Module, sigma: float = 0.0):
         self.run = run
         self.step = step
+        self.sigma = sigma
         self.schedule_step = run.clock.offset + step
         self.streams = streams
         self.model = model
@@ -205,7 +211,11 @@ class _Call:
         full_cost = run.branch_cost(block, branch, rows_n)
         self.work.flops_full += full_cost
         if kind != StepKind.FULL:
-            cached = run.cache.get(self.streams, (index, branch.name), device=like.device if like is not None else None)
+            device = like.device if like is not None else None
+            if run.forecast is not None:
+                cached = self._forecast(index, branch, device)
+            else:
+                cached = run.cache.get(self.streams, (index, branch.name), device=device)
             if cached is not None and like is not None and cached.shape[:2] != like.shape[:2]:
                 cached = None        # another resolution or batch layout: never reuse stale tensors
             if cached is not None:
@@ -228,6 +238,13 @@ class _Call:
     def _store_full(self, index, block, branch, out, tokens, inputs):
         run, key = self.run, (index, branch.name)
         run.cache.put(self.streams, key, out)
+        if run.forecast is not None:
+            slot = run.forecast.slot_for(key, self.schedule_step, self.sigma)
+            run.cache.put(self.streams, key + ("history", slot), out)
+            run.cache.discard(self.streams, key + ("correction",))
+        if run.recorder is not None and out.ndim >= 2:
+            group = group_name(branch.role, index, self._num_blocks, run.recorder.grouping)
+            run.recorder.observe(self.streams, key, group, self.schedule_step, out)
         if branch.keep_inputs is not None and inputs:
             for name, value in branch.keep_inputs(block, inputs).items():
                 run.cache.put(self.streams, key + (name,), value)
@@ -265,11 +282,36 @@ class _Call:
         finally:
             self._recomputing = False
         updated = scatter_tokens(cached, idx, fresh)
-        run.cache.put(self.streams, key, updated)
+        if run.forecast is not None:
+            # Recomputed tokens keep their offset from the forecast until the next full step.
+            offset = updated - cached
+            correction = get("correction")
+            run.cache.put(self.streams, key + ("correction",), offset if correction is None else correction + offset)
+        else:
+            run.cache.put(self.streams, key, updated)
         run.selected_tokens[self.step] += idx.shape[1] * idx.shape[0]
         self.work.flops_done += full_cost * idx.shape[1] / tokens.shape[1]
         self.work.selective += 1
         return updated
+
+    def _forecast(self, index: int, branch: Branch, device) -> torch.Tensor | None:
+        """The forecast of a branch from its stored full-step values, plus selective corrections."""
+        run, key = self.run, (index, branch.name)
+        grouping = getattr(run.forecast.forecaster, "grouping", "role")
+        group = group_name(branch.role, index, self._num_blocks, grouping)
+        plan = run.forecast.plan(key, self.schedule_step, group, self.sigma)
+        out = None
+        for slot, weight in plan:
+            value = run.cache.get(self.streams, key + ("history", slot), device=device)
+            if value is None:
+                return None
+            out = value * weight if out is None else out.add(value, alpha=weight)
+        if out is None:
+            return None
+        correction = run.cache.get(self.streams, key + ("correction",), device=device)
+        if correction is not None and correction.shape == out.shape:
+            out = out + correction
+        return out
 
     # ---- model-level fallback ------------------------------------------------------------------
     def _model_level_forward(self, original):
