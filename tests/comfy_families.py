@@ -24,6 +24,7 @@ class Family:
     counted: Callable           # (diffusion_model) -> modules that do the work reuse steps skip
     replayed: Callable          # (diffusion_model) -> modules whose outputs selective steps keep
     refreshed: Callable         # (diffusion_model) -> modules that see only selected rows
+    replayed_inputs: Callable = lambda dm: []   # (module, width): the first `width` input features kept
     new_only: bool = False      # the family exists in ComfyUI 0.8.0 but not in 0.3.64
     spec: str = ""              # the pack's family name when it differs (Z-Image runs as lumina2)
     weight_scale: float = 0.02  # std of the random weights (large enough that every branch matters)
@@ -125,7 +126,60 @@ def _lumina(name, **config):
 LUMINA = _lumina("lumina2")
 Z_IMAGE = _lumina("z_image", z_image=True)
 
-FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE)}
+# ---- Flux-block families: HunyuanVideo, Chroma -------------------------------------------------------
+def _known(params_cls, cfg):
+    """`cfg` without the fields this ComfyUI's params dataclass does not have (they grow per version)."""
+    fields = {f.name for f in dataclasses.fields(params_cls)}
+    return {k: v for k, v in cfg.items() if k in fields or k == "image_model"}
+
+
+def _flux_blocks(name, config, inputs, **extra):
+    return Family(
+        name=name, config=config, inputs=inputs, spec="flux",
+        counted=lambda dm: ([m for b in dm.double_blocks for m in (b.img_attn.qkv, b.img_mlp, b.txt_attn.qkv)]
+                            + [b.linear1 for b in dm.single_blocks]),
+        replayed=lambda dm: [m for b in dm.double_blocks for m in (b.img_attn.proj, b.txt_attn.proj)],
+        replayed_inputs=lambda dm: [(b.linear2, b.hidden_size) for b in dm.single_blocks],
+        refreshed=lambda dm: [b.img_mlp[0] for b in dm.double_blocks] + [b.linear1 for b in dm.single_blocks],
+        **extra)
+
+
+def _hunyuan_video_config(version):
+    import comfy.supported_models as sm
+    from comfy.ldm.hunyuan_video.model import HunyuanVideoParams
+    return sm.HunyuanVideo, _known(HunyuanVideoParams, {
+        "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+        "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True,
+        "guidance_embed": True, "byt5": False, "meanflow": False, "use_cond_type_embedding": False,
+        "vision_in_dim": None, "meanflow_sum": False})
+
+
+def _hunyuan_video_inputs(batch, gen):
+    pooled = lambda: torch.randn(1, 32, generator=gen)  # noqa: E731
+    return (torch.zeros(batch, 16, 2, 8, 8), _text(gen, 6, 32, pooled_output=pooled(), guidance=6.0),
+            _text(gen, 6, 32, pooled_output=pooled(), guidance=6.0))
+
+
+def _chroma_config(version):
+    import comfy.supported_models as sm
+    from comfy.ldm.chroma.model import ChromaParams
+    return sm.Chroma, _known(ChromaParams, {
+        "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 32, "hidden_size": 64,
+        "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12],
+        "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 64,
+        "n_layers": 1, "txt_ids_dims": [], "vec_in_dim": None})
+
+
+def _chroma_inputs(batch, gen):
+    pooled = torch.zeros(1, 32)       # Flux's conditioning code asks for it; Chroma does not use it
+    return torch.zeros(batch, 16, 16, 16), _text(gen, 6, 32, pooled_output=pooled), _text(gen, 6, 32, pooled_output=pooled)
+
+
+HUNYUAN_VIDEO = _flux_blocks("hunyuan_video", _hunyuan_video_config, _hunyuan_video_inputs)
+CHROMA = _flux_blocks("chroma", _chroma_config, _chroma_inputs)
+
+FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

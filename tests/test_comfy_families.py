@@ -79,7 +79,9 @@ def test_reuse_steps_skip_the_branches(pack, family):
     assert torch.isfinite(reused).all() and not torch.equal(full, reused)
 
 
-def _replay_hooks(modules):
+def _replay_hooks(modules, inputs=()):
+    """Outputs of `modules`, and the first `width` input features of `inputs` ((module, width)),
+    recorded at the first call and put back at every later one."""
     seen, hooks = {}, []
 
     def replay(key):
@@ -89,15 +91,26 @@ def _replay_hooks(modules):
                 return None
             return seen[key]
         return hook
+    def replay_input_part(key, width):
+        def hook(module, args):
+            x = args[0]
+            if key not in seen:
+                seen[key] = x[..., :width].clone()
+                return None
+            return (torch.cat((seen[key], x[..., width:]), dim=-1),)
+        return hook
     for i, m in enumerate(modules):
         hooks.append(m.register_forward_hook(replay(i)))
+    for i, (m, width) in enumerate(inputs):
+        hooks.append(m.register_forward_pre_hook(replay_input_part(("input", i), width)))
     return hooks
 
 
 def test_selective_ratio_one_equals_recomputing_chosen_modules(pack, family):
     mp = comfy_families.make_patcher(family.name)
     out = _cached(pack, mp, family, (1, 2), ratio=1.0, deep_fraction=1.0)
-    hooks = _replay_hooks(family.replayed(mp.model.diffusion_model))
+    dm = mp.model.diffusion_model
+    hooks = _replay_hooks(family.replayed(dm), family.replayed_inputs(dm))
     try:
         reference = comfy_families.sample(mp, family.name, steps=2)
     finally:

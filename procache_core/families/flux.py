@@ -39,9 +39,9 @@ def _finite(x):
 
 def double_block_reuse(block, branch, img, txt, vec, pe=None, attn_mask=None,
                        modulation_dims_img=None, modulation_dims_txt=None, transformer_options={}):
-    if getattr(block, "modulation", True):
+    if getattr(block, "modulation", True) and hasattr(block, "img_mod"):
         (im1, im2), (tm1, tm2) = block.img_mod(vec), block.txt_mod(vec)
-    else:
+    else:       # Chroma (0.3.64: its own block without `modulation`) and Flux 2 pass the modulation in
         (im1, im2), (tm1, tm2) = vec
     di, dt = modulation_dims_img, modulation_dims_txt
     img = img + _gated(branch("img_attn", like=img), im1.gate, di)
