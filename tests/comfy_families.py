@@ -179,7 +179,35 @@ def _chroma_inputs(batch, gen):
 HUNYUAN_VIDEO = _flux_blocks("hunyuan_video", _hunyuan_video_config, _hunyuan_video_inputs)
 CHROMA = _flux_blocks("chroma", _chroma_config, _chroma_inputs)
 
-FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA)}
+# ---- HiDream ------------------------------------------------------------------------------------
+def _hidream_config(version):
+    import comfy.supported_models as sm
+    return sm.HiDream, {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16,
+                        "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+                        "caption_channels": [32, 32], "text_emb_dim": 32, "num_routed_experts": 2,
+                        "num_activated_experts": 1, "axes_dims_rope": [8, 12, 12], "max_resolution": [16, 16],
+                        "llama_layers": [0, 1, 1, 1]}
+
+
+def _hidream_inputs(batch, gen):
+    def cond():
+        return [[torch.randn(1, 6, 32, generator=gen),
+                 {"pooled_output": torch.randn(1, 32, generator=gen),
+                  "conditioning_llama3": torch.randn(1, 2, 5, 32, generator=gen)}]]
+    return torch.zeros(batch, 16, 16, 16), cond(), cond()
+
+
+HIDREAM = Family(
+    name="hidream", config=_hidream_config, inputs=_hidream_inputs,
+    counted=lambda dm: ([m for o in dm.double_stream_blocks for m in (o.block.attn1.to_q, o.block.ff_i.shared_experts,
+                                                                        o.block.ff_t.w1)]
+                        + [m for o in dm.single_stream_blocks for m in (o.block.attn1.to_q, o.block.ff_i.shared_experts)]),
+    replayed=lambda dm: ([m for o in dm.double_stream_blocks for m in (o.block.attn1.to_out, o.block.attn1.to_out_t)]
+                         + [o.block.attn1 for o in dm.single_stream_blocks]),
+    refreshed=lambda dm: [o.block.ff_i.shared_experts.w1 for o in (*dm.double_stream_blocks, *dm.single_stream_blocks)],
+)
+
+FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

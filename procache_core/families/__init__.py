@@ -5,6 +5,7 @@ from torch import nn
 
 from .base import BlockStack, Branch, FamilySpec
 from .flux import FLUX
+from .hidream import HIDREAM
 from .lumina import LUMINA
 from .pixart import PIXART
 from .qwen import QWEN_IMAGE
@@ -12,7 +13,7 @@ from .reference import REFERENCE
 from .sd3 import SD3
 from .wan import WAN
 
-FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA)
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM)
 
 
 def is_unet(model: nn.Module) -> bool:
