@@ -17,7 +17,7 @@ from torch import nn
 
 from .cache import CacheStore
 from .clock import StepClock
-from .families.base import Branch, BlockStack, FamilySpec, linear_params, resolve
+from .families.base import Branch, BlockStack, FamilySpec, ProbeContext, forward_hooks, linear_params, resolve
 from .forecast import Forecaster, ForecastFitter, ForecastState, group_name
 from .policy import Policy
 from .schedule import StepKind
@@ -126,6 +126,7 @@ class _Call:
         self.work = _CallWork()
         self._num_blocks = 0
         self._recomputing = False
+        self.probe_notes: dict = {}     # facts a family's probes share across this call's blocks
 
     # ---- attaching ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -161,7 +162,7 @@ class _Call:
                     def rows(idx, tokens, kept):
                         return original(gather_tokens(tokens, idx), *args[1:], **kwargs)
                 return self.branch(index, block, branch, self.block_kind(index), like=x,
-                                   full=lambda: original(*args, **kwargs),
+                                   full=lambda: self._probed(index, block, branch.probes, original, args, kwargs),
                                    tokens=(lambda: x) if x is not None else None, rows=rows, inputs=args)
             return forward
         return make
@@ -173,7 +174,7 @@ class _Call:
             def forward(*args, **kwargs):
                 kind = self.block_kind(index)
                 if kind == StepKind.FULL:
-                    return original(*args, **kwargs)
+                    return self._probed(index, block, block_stack.probes, original, args, kwargs)
 
                 def branch(name, like, tokens=None, rows=None):
                     return self.branch(index, block, branches[name], kind, like=like, tokens=tokens, rows=rows)
@@ -184,6 +185,22 @@ class _Call:
                     return self._full_block(index, original, args, kwargs)
             return forward
         return make
+
+    def _probed(self, index, block, probes, original, args, kwargs):
+        """original(*args, **kwargs); where the selector's score is an attention score the family
+        measures here, the family's probe reads q/k with forward hooks while the block runs."""
+        probe = next((p for score, p in probes if score == self.run.selector.score), None)
+        if probe is None:
+            return original(*args, **kwargs)
+        run, step = self.run, self.schedule_step
+
+        def store(scores):
+            for name, value in scores.items():
+                run.cache.put(self.streams, (index, name, "importance"), value)
+        ctx = ProbeContext(deep=run.policy.refreshes(index, self._num_blocks), store=store, notes=self.probe_notes,
+                           queries=lambda n, device: run.selector.query_subset(n, step, index, device))
+        with forward_hooks(probe(block, args, kwargs, ctx)):
+            return original(*args, **kwargs)
 
     def _full_block(self, index, original, args, kwargs):
         # Run the block's own code with its taps in FULL mode (they capture fresh branch outputs).
@@ -263,7 +280,7 @@ class _Call:
         ctx = SelectionContext(tokens=tokens, cached=cached, reference=get("reference"), staleness=staleness,
                                step=self.schedule_step, steps=run.policy_steps, block=index,
                                blocks=self._num_blocks, role="mlp" if branch.role == "fused" else branch.role,
-                               streams=len(self.streams))
+                               streams=len(self.streams), importance=get("importance"), family=run.family.name)
         idx = run.selector.select(ctx)
         if staleness is not None:
             staleness = (staleness + 1).scatter(1, idx, 0)

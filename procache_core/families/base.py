@@ -6,14 +6,22 @@ submodules; on reuse steps it makes the same submodules hand back their cached o
 block's own code still recomputes modulation, gates and residual adds. Families whose expensive
 work is not inside a branch submodule (Flux computes attention between `qkv` and `proj`) give a
 small `reuse_forward` built from the block's own submodules instead.
+
+The attention scores of token selection (tokens.py) need a block's queries and keys. A family
+exposes them through probes: at full steps of deep blocks, forward hooks on the submodules that
+produce q and k read them while the block runs its own code, so nothing is computed twice.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from typing import Callable
 
 from torch import nn
 
+
+log = logging.getLogger("procache")
 
 ROLES = ("self_attention", "cross_attention", "mlp", "fused")
 
@@ -33,6 +41,9 @@ class Branch:
         keep_inputs(block, args) -> {name: tensor}; a family's selective code reads them back.
     optional: the submodule exists only in some blocks (SD3's last context block has no MLP,
         SD3.5's second self-attention is in the first blocks only); blocks without it skip it.
+    probes: (score name, probe) pairs for the attention scores this branch can measure;
+        probe(block, args, kwargs, ctx) -> [(submodule, forward hook)], with the branch module's
+        inputs and a ProbeContext; the hooks hand [B, N] scores per branch name to ctx.store.
     """
 
     name: str
@@ -41,6 +52,7 @@ class Branch:
     cost_paths: tuple[str, ...] = ()
     keep_inputs: Callable | None = None
     optional: bool = False
+    probes: tuple[tuple[str, Callable], ...] = ()
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -67,6 +79,30 @@ class BlockStack:
     # decides on: the cache, or on selective steps the cache with the rows of the chosen tokens
     # replaced by rows(idx, tokens, kept) (kept(name) reads a tensor kept by `keep_inputs`).
     reuse_forward: Callable | None = None
+    # probes as in Branch, but called with the block's own inputs (Flux: `pe` is only there);
+    # only for stacks with a reuse_forward, whose blocks the engine wraps.
+    probes: tuple[tuple[str, Callable], ...] = ()
+
+
+@dataclasses.dataclass
+class ProbeContext:
+    """What a probe gets besides the inputs."""
+
+    deep: bool                  # the block refreshes tokens: measure and store its scores
+    queries: Callable           # queries(n, device) -> indices of the sampled queries
+    store: Callable             # store({branch name: [B, N] scores})
+    notes: dict                 # facts earlier blocks of this model call left (Flux: text length)
+
+
+@contextlib.contextmanager
+def forward_hooks(pairs):
+    """Register (module, hook) forward hooks for the duration of the block."""
+    handles = [module.register_forward_hook(_never_fails(hook)) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +120,11 @@ class FamilySpec:
                 out.append((len(out), stack, block))
         return out
 
+    def provides(self, score: str) -> bool:
+        """Whether some branch or block of this family can measure `score` (an attention score)."""
+        return any(name == score for stack in self.stacks
+                   for name, _ in stack.probes + tuple(p for b in stack.branches for p in b.probes))
+
     def problems(self, model: nn.Module) -> list[str]:
         """Why this family's declaration does not fit `model` (empty when it fits)."""
         issues = []
@@ -98,6 +139,24 @@ class FamilySpec:
                         issues.append(f"{stack.attr}[{i}] has no submodule '{branch.path}'")
                         break
         return issues
+
+
+def _never_fails(hook):
+    # A score is an optimisation: if a model's layout surprises a probe, the block runs on and the
+    # selector ranks that block's tokens by output_norm (tokens.py logs the fallback).
+    def safe(module, inputs, output):
+        try:
+            hook(module, inputs, output)
+        except Exception as e:      # noqa: BLE001
+            if type(module).__name__ not in _probe_failures:
+                _probe_failures.add(type(module).__name__)
+                log.warning("ProCache: attention score probe on %s failed (%s); using output_norm there",
+                            type(module).__name__, e)
+        return None
+    return safe
+
+
+_probe_failures: set = set()
 
 
 def resolve(module: nn.Module, path: str) -> nn.Module | None:

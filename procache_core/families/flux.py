@@ -5,10 +5,16 @@ skip it; on reuse steps the blocks run the small forwards below, built from the 
 modulation and norms, and add the cached pre-gate branch outputs. Full steps run Flux's own code.
 The single block's `linear2` fuses attention and MLP; its output is cached as one branch, and the
 attention half of its input is kept so that selective steps can refresh the MLP half alone.
+
+The attention scores read q and k from the blocks' QK norms (after them Flux only applies the
+rotary embedding `pe`, which the block probes take from the block's inputs). Text and image
+tokens attend jointly: attention_received ranks every token by the attention it receives from
+sampled queries of the joint sequence; cross_entropy is the entropy of each token's attention
+over the text keys alone (for image tokens, the image-to-text part of the joint attention).
 """
 import torch
 
-from ..tokens import gather_tokens
+from ..tokens import attention_received, gather_tokens, rotary, text_entropy
 from .base import BlockStack, Branch, FamilySpec
 
 
@@ -81,6 +87,68 @@ def _keep_attention_output(block, args):
     return {"attn_out": args[0][..., :block.hidden_size]}
 
 
+def _arg(args, kwargs, name, position):
+    return kwargs[name] if name in kwargs else (args[position] if len(args) > position else None)
+
+
+def _text_slice(notes, total):
+    n_text, text_last = notes["text"]
+    return slice(total - n_text, total) if text_last else slice(0, n_text)
+
+
+def _joint_score(score, q, k, text, ctx):
+    """[B, N] score of every token of a joint sequence; q, k: [B, H, N, D] after the rotary embedding."""
+    if score == "attention_received":
+        return attention_received(q[:, :, ctx.queries(q.shape[2], q.device)], k)
+    return text_entropy(q, k[:, :, text])
+
+
+def _double_probe(score):
+    def probe(block, args, kwargs, ctx):
+        txt = _arg(args, kwargs, "txt", 1)
+        text_last = bool(getattr(block, "flipped_img_txt", False))      # the joint order of this model
+        if txt is not None:
+            ctx.notes["text"] = (txt.shape[1], text_last)        # for the single blocks after the doubles
+        if not ctx.deep or txt is None:
+            return []
+        pe, seen = _arg(args, kwargs, "pe", 3), {}
+
+        def on_img(module, inputs, qk):
+            seen["img"] = qk
+
+        def on_txt(module, inputs, txt_qk):
+            if "img" not in seen:
+                return
+            parts = (seen.pop("img"), txt_qk) if text_last else (txt_qk, seen.pop("img"))
+            q = rotary(torch.cat((parts[0][0], parts[1][0]), dim=2), pe)
+            k = rotary(torch.cat((parts[0][1], parts[1][1]), dim=2), pe)
+            text = _text_slice(ctx.notes, q.shape[2])
+            joint = _joint_score(score, q, k, text, ctx)
+            image = torch.ones(joint.shape[1], dtype=torch.bool, device=joint.device)
+            image[text] = False
+            ctx.store({"img_mlp": joint[:, image], "txt_mlp": joint[:, text]})
+        return [(block.img_attn.norm, on_img), (block.txt_attn.norm, on_txt)]
+    return probe
+
+
+def _single_probe(score):
+    def probe(block, args, kwargs, ctx):
+        if not ctx.deep or (score == "cross_entropy" and "text" not in ctx.notes):
+            return []
+        pe = _arg(args, kwargs, "pe", 2)
+
+        def hook(module, inputs, qk):
+            q, k = rotary(qk[0], pe), rotary(qk[1], pe)
+            ctx.store({"fused": _joint_score(score, q, k, _text_slice(ctx.notes, q.shape[2]) if score == "cross_entropy"
+                                             else None, ctx)})
+        return [(block.norm, hook)]
+    return probe
+
+
+def _probes(make):
+    return tuple((score, make(score)) for score in ("attention_received", "cross_entropy"))
+
+
 def _is_flux(model) -> bool:
     doubles, singles = getattr(model, "double_blocks", None), getattr(model, "single_blocks", None)
     if not doubles or not singles:
@@ -94,13 +162,13 @@ FLUX = FamilySpec(
     name="flux",
     description="Flux: double blocks (image/text attention and MLP), single blocks (fused output)",
     stacks=(
-        BlockStack("double_blocks", reuse_forward=double_block_reuse, branches=(
+        BlockStack("double_blocks", reuse_forward=double_block_reuse, probes=_probes(_double_probe), branches=(
             Branch("img_attn", "img_attn.proj", role="self_attention", cost_paths=("img_attn",)),
             Branch("img_mlp", "img_mlp", role="mlp"),
             Branch("txt_attn", "txt_attn.proj", role="self_attention", cost_paths=("txt_attn",)),
             Branch("txt_mlp", "txt_mlp", role="mlp"),
         )),
-        BlockStack("single_blocks", reuse_forward=single_block_reuse, branches=(
+        BlockStack("single_blocks", reuse_forward=single_block_reuse, probes=_probes(_single_probe), branches=(
             Branch("fused", "linear2", role="fused", cost_paths=("linear1", "linear2"),
                    keep_inputs=_keep_attention_output),
         )),
