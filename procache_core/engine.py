@@ -269,7 +269,8 @@ class _Call:
         if not deep or not out.ndim >= 3:
             return
         if run.selector.needs_reference and tokens is not None:
-            run.cache.put(self.streams, key + ("reference",), tokens())
+            # a copy: some blocks (LTXV, Flux) add into their residual stream in place after the branch
+            run.cache.put(self.streams, key + ("reference",), tokens().clone())
         if run.selector.tracks_staleness:
             run.cache.put(self.streams, key + ("staleness",), out.new_zeros(out.shape[:2], dtype=torch.int32))
 

@@ -207,7 +207,27 @@ HIDREAM = Family(
     refreshed=lambda dm: [o.block.ff_i.shared_experts.w1 for o in (*dm.double_stream_blocks, *dm.single_stream_blocks)],
 )
 
-FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM)}
+# ---- LTX-Video ----------------------------------------------------------------------------------
+def _ltxv_config(version):
+    import comfy.supported_models as sm
+    return sm.LTXV, {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+                     "num_attention_heads": 2, "caption_channels": 32, "num_layers": 2}
+
+
+def _ltxv_inputs(batch, gen):
+    mask = torch.ones(1, 6, dtype=torch.long)   # LTXV's forward takes the text mask positionally
+    return (torch.zeros(batch, 128, 2, 4, 4), _text(gen, 6, 32, attention_mask=mask),
+            _text(gen, 6, 32, attention_mask=mask))
+
+
+LTXV = Family(
+    name="ltxv", config=_ltxv_config, inputs=_ltxv_inputs,
+    counted=lambda dm: [m for b in dm.transformer_blocks for m in (b.attn1.to_q, b.attn2.to_q, b.ff.net[0].proj)],
+    replayed=lambda dm: [b.attn1 for b in dm.transformer_blocks],
+    refreshed=lambda dm: [b.ff.net[0].proj for b in dm.transformer_blocks],
+)
+
+FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

@@ -7,13 +7,14 @@ from .base import BlockStack, Branch, FamilySpec
 from .flux import FLUX
 from .hidream import HIDREAM
 from .lumina import LUMINA
+from .ltxv import LTXV
 from .pixart import PIXART
 from .qwen import QWEN_IMAGE
 from .reference import REFERENCE
 from .sd3 import SD3
 from .wan import WAN
 
-FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM)
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV)
 
 
 def is_unet(model: nn.Module) -> bool:
