@@ -1,0 +1,146 @@
+"""The peers' dynamic caching rules, on the reference DiT, for the benchmark.
+
+Schedule-based methods (FORA, ToCa-style, ProCache) run through procache_core's engine. The rules
+here decide at run time, from what the model computes, whether to skip the block stack:
+
+    teacache     accumulate the relative L1 change of block 0's modulated input from step to
+                 step; below the threshold, reuse the stack's last residual (TeaCache)
+    first_block  always run block 0; if its residual changed less than the threshold since the
+                 last computed step, reuse the residual of the remaining blocks (First Block Cache)
+    easycache    learn the stack's transformation rate k = |Δ output| / |Δ input| on computed
+                 steps; on later steps accumulate the predicted relative output change
+                 k·|Δ input| / |output| and reuse the stack's residual while it stays below the
+                 threshold; the first `warmup` share of steps always computes (EasyCache)
+
+These are our own readings of the published rules, at block-stack level: the reused thing is the
+residual h_out - h_in of the block stack, the embedders and the final layer always run. Decisions
+are made per model call for the whole batch, as ComfyUI's implementations do. Work is counted in
+the engine's units (block branch FLOPs), so the FLOPs speedups compare with the engine's rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from procache_core.reference.dit import DiT, modulate, timestep_embedding
+
+RULES = ("teacache", "first_block", "easycache")
+
+
+def _rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean() / (b.abs().mean() + 1e-12))
+
+
+@dataclasses.dataclass
+class RuleStats:
+    flops_done: float = 0.0
+    flops_full: float = 0.0
+    computed_calls: int = 0
+    calls: int = 0
+
+    @property
+    def flops_speedup(self) -> float:
+        return self.flops_full / self.flops_done if self.flops_done else 1.0
+
+
+class DynamicCache(nn.Module):
+    """The reference DiT's forward with one dynamic skip rule; call like the DiT (x, t, y).
+
+    Pass it to procache_core.reference.sampling.sample in place of the model. One instance per
+    sampling run (it keeps the previous step's state).
+    """
+
+    def __init__(self, model: DiT, rule: str, threshold: float, warmup: float = 0.1, steps: int | None = None):
+        super().__init__()
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+        self.model = model
+        self.cfg = model.cfg
+        self.rule = rule
+        self.threshold = threshold
+        self.warmup_calls = int(round(warmup * steps)) if steps else 1
+        flops = model.block_flops()
+        self.block_cost = flops["attn"] + flops["mlp"]
+        self.stats = RuleStats()
+        self._residual = None       # h_out - h_in of the stack (teacache, easycache) or of blocks 1.. (first_block)
+        self._signal = None         # previous step's decision signal
+        self._accumulated = 0.0
+        self._rate = None           # easycache: transformation rate
+        self._last_in = self._last_out = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m, cfg = self.model, self.cfg
+        b = x.shape[0]
+        h = m.x_embedder(x).flatten(2).transpose(1, 2) + m.pos_embed
+        c = m.t_embedder(timestep_embedding(t, 256)) + m.y_embedder(y)
+        blocks = m.blocks
+        cost = self.block_cost * b
+        self.stats.calls += 1
+        self.stats.flops_full += cost * len(blocks)
+        first_call = self.stats.calls == 1
+        h = getattr(self, f"_{self.rule}")(h, c, blocks, cost, first_call)
+        h = m.final_layer(h, c)
+        side, p = cfg.image_size // cfg.patch, cfg.patch
+        h = h.view(b, side, side, p, p, cfg.channels).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(b, cfg.channels, cfg.image_size, cfg.image_size)
+
+    def _run(self, h, c, blocks, cost):
+        for block in blocks:
+            h = block(h, c)
+        self.stats.flops_done += cost * len(blocks)
+        self.stats.computed_calls += 1
+        return h
+
+    def _shape_ok(self, h):
+        return self._residual is not None and self._residual.shape == h.shape
+
+    def _teacache(self, h, c, blocks, cost, first_call):
+        block = blocks[0]
+        sh1, sc1, *_ = block.adaLN_modulation(c).chunk(6, dim=-1)
+        signal = modulate(block.norm1(h), sh1, sc1)
+        if not first_call and self._signal is not None and self._shape_ok(h):
+            self._accumulated += _rel_l1(signal, self._signal)
+        self._signal = signal
+        if not first_call and self._shape_ok(h) and self._accumulated < self.threshold:
+            return h + self._residual
+        self._accumulated = 0.0
+        out = self._run(h, c, blocks, cost)
+        self._residual = out - h
+        return out
+
+    def _first_block(self, h, c, blocks, cost, first_call):
+        h1 = blocks[0](h, c)
+        self.stats.flops_done += cost
+        signal = h1 - h
+        reuse = (not first_call and self._signal is not None and self._shape_ok(h)
+                 and _rel_l1(signal, self._signal) < self.threshold)
+        if reuse:
+            return h1 + self._residual
+        # the rule compares against the first-block residual of the last *computed* step
+        self._signal = signal
+        out = h1
+        for block in blocks[1:]:
+            out = block(out, c)
+        self.stats.flops_done += cost * (len(blocks) - 1)
+        self.stats.computed_calls += 1
+        self._residual = out - h1
+        return out
+
+    def _easycache(self, h, c, blocks, cost, first_call):
+        calls = self.stats.calls
+        if calls > self.warmup_calls and self._rate is not None and self._shape_ok(h):
+            moved = float((h - self._last_in).norm() / (self._last_out.norm() + 1e-12))
+            self._accumulated += self._rate * moved
+            self._last_in = h
+            if self._accumulated < self.threshold:
+                return h + self._residual
+        previous_in, previous_out = self._last_in, self._last_out
+        out = self._run(h, c, blocks, cost)
+        if previous_in is not None and previous_in.shape == h.shape:
+            self._rate = float((out - previous_out).norm() / ((h - previous_in).norm() + 1e-12))
+        self._accumulated = 0.0
+        self._last_in, self._last_out = h, out
+        self._residual = out - h
+        return out
