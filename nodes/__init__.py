@@ -2,10 +2,12 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .apply_node import ProCacheApply
+from .forecaster_node import ProCacheForecaster, ProCacheForecasterTrainer
 from .schedule_loader import ProCacheScheduleLoader
 from .selector_node import TokenImportanceSelector
 
-NODES: list[type[io.ComfyNode]] = [ProCacheScheduleLoader, ProCacheApply, TokenImportanceSelector]
+NODES: list[type[io.ComfyNode]] = [ProCacheScheduleLoader, ProCacheApply, TokenImportanceSelector,
+                                   ProCacheForecaster, ProCacheForecasterTrainer]
 
 
 class ProCacheExtension(ComfyExtension):

@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..procache_core import ScheduleError, TokenSelector
+from .forecaster_node import FORECASTER
 from .runtime import ApplyConfig, attach, describe_model
 from .schedule_loader import SCHEDULE, describe
 from .selector_node import SELECTOR, SelectorConfig
@@ -37,6 +38,9 @@ class ProCacheApply(io.ComfyNode):
                 SELECTOR.Input("selector", optional=True,
                                tooltip="From Token Importance Selector: which tokens selective steps recompute. "
                                        "Without it, selective steps refresh 10% of the tokens of the deepest 25% of blocks, by output norm."),
+                FORECASTER.Input("forecaster", optional=True,
+                                 tooltip="From ProCache Forecaster: cached steps extrapolate each branch from its "
+                                         "last full steps instead of copying the latest. Without it: plain reuse."),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -46,17 +50,20 @@ class ProCacheApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
-                selector: SelectorConfig | None = None) -> io.NodeOutput:
+                selector: SelectorConfig | None = None, forecaster=None) -> io.NodeOutput:
         if start_percent > end_percent:
             raise ScheduleError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         selector = selector or SelectorConfig(TokenSelector(), 0.25)
         config = ApplyConfig(schedule=schedule, start_percent=start_percent, end_percent=end_percent,
                              force_last_full=force_last_full, selector=selector.tokens,
-                             deep_fraction=selector.deep_fraction, cache_on_cpu=cache_on_cpu)
+                             deep_fraction=selector.deep_fraction, cache_on_cpu=cache_on_cpu,
+                             forecaster=forecaster)
         mode, sentence = describe_model(model)
         if mode == "none":
             log.warning("ProCache: %s", sentence)
             return io.NodeOutput(model, sentence, ui={"text": [sentence], "mode": [mode]})
         patched = attach(model, config)
         report = f"{sentence}\n{describe(schedule)}"
+        if forecaster is not None:
+            report += f"\nforecast: {forecaster.describe()}"
         return io.NodeOutput(patched, report, ui={"text": [report], "mode": [mode]})

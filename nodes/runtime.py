@@ -41,6 +41,8 @@ class ApplyConfig:
     selector: TokenSelector = TokenSelector()
     deep_fraction: float = 0.25
     cache_on_cpu: bool = False
+    forecaster: object = None      # procache_core.forecast.Forecaster; None: reuse copies
+    recorder: object = None        # a ForecastFitter during calibration runs (shared, not copied)
 
 
 class LastRuns:
@@ -146,7 +148,8 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
     family, sentence = find_family(model_patcher.model.diffusion_model)
     run = Run(SchedulePolicy(schedule, config.deep_fraction), StepClock(sigma_list), family,
               selector=config.selector, cache_device="cpu" if config.cache_on_cpu else None,
-              model_name=type(model_patcher.model.diffusion_model).__name__)
+              model_name=type(model_patcher.model.diffusion_model).__name__,
+              forecaster=config.forecaster, recorder=config.recorder)
     run.stats.notes.extend(notes + [sentence])
     for note in notes:
         log.info("ProCache: %s", note)

@@ -239,6 +239,10 @@ class ForecastFitter:
         self._rhs: dict[tuple[int, str], torch.Tensor] = {}
         self.samples = 0
 
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies model options on clone(); a calibration run must still fill this one.
+        return self
+
     def observe(self, streams: Sequence[str], key: Hashable, group: str, step: int, value: torch.Tensor) -> None:
         parts = value.chunk(len(streams), dim=0) if len(streams) > 1 else (value,)
         target_step = step < len(self.kinds) and self.kinds[step] != StepKind.FULL

@@ -1,0 +1,203 @@
+"""Forecasters for cached steps: "ProCache Forecaster" picks one, "ProCache Forecaster Trainer"
+fits one on the user's own graph.
+
+A fitted forecaster travels inside the workflow: the trainer keeps its coefficients as text in its
+own `fitted` widget (the web extension fills it in after a run), and reuses that text instead of
+calibrating again as long as the settings it was fitted for are unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+from comfy_api.latest import io
+
+from ..procache_core import Schedule, ScheduleError
+from ..procache_core.forecast import ForecastError, ForecastFitter, Taylor, from_json
+from . import library
+from .runtime import ApplyConfig, attach
+from .schedule_loader import SCHEDULE
+
+log = logging.getLogger("procache")
+
+FORECASTER = io.Custom("PROCACHE_FORECASTER")
+BUILT_IN = {"reuse (no forecast)": None, "taylor 1": Taylor(1), "taylor 2": Taylor(2)}
+FROM_TEXT = "fitted (text below)"
+FILE_PREFIX = "file: "
+
+
+def forecaster_dir() -> str | None:
+    folder = library.user_dir()
+    return os.path.join(os.path.dirname(folder), "forecasters") if folder else None
+
+
+def saved_forecasters() -> dict[str, str]:
+    """name -> path of the forecaster JSON files in the user's folder (listed names only)."""
+    folder = forecaster_dir()
+    if not folder or not os.path.isdir(folder):
+        return {}
+    return {entry[:-5]: os.path.join(folder, entry) for entry in sorted(os.listdir(folder))
+            if entry.endswith(".json") and os.path.isfile(os.path.join(folder, entry))}
+
+
+def load_forecaster(source: str, text: str):
+    if source in BUILT_IN:
+        return BUILT_IN[source]
+    if source == FROM_TEXT:
+        if not text.strip():
+            raise ForecastError("the forecaster text is empty: paste a forecaster JSON, or pick a built-in one")
+        return from_json(text)
+    if source.startswith(FILE_PREFIX):
+        path = saved_forecasters().get(source[len(FILE_PREFIX):])
+        if path is None:
+            raise ForecastError(f"no saved forecaster named {source[len(FILE_PREFIX):]!r}")
+        if os.path.getsize(path) > library.MAX_FILE_BYTES:
+            raise ForecastError("forecaster file is larger than 1 MiB")
+        with open(path, encoding="utf-8") as f:
+            return from_json(f.read())
+    raise ForecastError(f"unknown forecaster source {source!r}")
+
+
+class ProCacheForecaster(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProCacheForecaster",
+            display_name="ProCache Forecaster",
+            category="ProCache",
+            description="How cached steps estimate a skipped branch: copy the last full step (reuse), "
+                        "extrapolate from the last two or three (Taylor), or use coefficients fitted on your model.",
+            inputs=[
+                io.Combo.Input("source", options=[*BUILT_IN, FROM_TEXT] + [FILE_PREFIX + n for n in saved_forecasters()],
+                               default="taylor 1",
+                               tooltip="taylor 1 / taylor 2: extrapolation from the noise levels of the last 2 / 3 "
+                                       "full steps, no training. fitted: JSON from ProCache Forecaster Trainer."),
+                io.String.Input("text", multiline=True, default="", optional=True,
+                                tooltip="Forecaster JSON (source 'fitted (text below)'); kept in the workflow."),
+            ],
+            outputs=[FORECASTER.Output(display_name="forecaster", tooltip="Connect to ProCache Apply.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, source, text="") -> bool | str:
+        try:
+            load_forecaster(source, text or "")
+        except ForecastError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, source, text="") -> io.NodeOutput:
+        forecaster = load_forecaster(source, text or "")
+        label = forecaster.describe() if forecaster else "reuse"
+        return io.NodeOutput(forecaster, ui={"text": [label]})
+
+
+class ProCacheForecasterTrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProCacheForecasterTrainer",
+            display_name="ProCache Forecaster Trainer",
+            category="ProCache",
+            description="Runs a few full-compute samples of your graph, records each cached branch along the "
+                        "schedule and fits forecast coefficients per step by least squares (seconds after sampling).",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model the forecaster is for (the same one Apply gets)."),
+                io.Conditioning.Input("positive", tooltip="Your prompt: calibration uses your own conditioning."),
+                io.Conditioning.Input("negative", tooltip="Your negative prompt (used when cfg > 1)."),
+                io.Latent.Input("latent_image", tooltip="Same size as the latent you will sample."),
+                SCHEDULE.Input("schedule", tooltip="The schedule the forecaster will serve: its full steps feed "
+                                                   "the history, its cached steps are the fit targets."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="First calibration seed; the others follow it."),
+                io.Int.Input("samples", default=2, min=1, max=16,
+                             tooltip="Full-compute calibration runs. Each costs one normal sampling run."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="As in your KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="As in your KSampler."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="As in your KSampler."),
+                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, tooltip="As in your KSampler."),
+                io.Int.Input("history", default=2, min=1, max=3,
+                             tooltip="How many past full-step values each forecast combines (memory: this many "
+                                     "tensors per cached branch and CFG stream)."),
+                io.Combo.Input("grouping", options=["role", "role+depth"], default="role",
+                               tooltip="role: one set of coefficients per step and branch kind. role+depth: "
+                                       "separate ones for shallow, middle and deep blocks."),
+                io.String.Input("save_name", default="", optional=True,
+                                tooltip="Also save as <user>/procache/forecasters/<name>.json (letters, digits, - _ .)."),
+                io.String.Input("fitted", multiline=True, default="", optional=True,
+                                tooltip="Filled in after a run: the fitted coefficients, kept in the workflow. "
+                                        "While the settings match, they are used without calibrating again."),
+            ],
+            outputs=[
+                FORECASTER.Output(display_name="forecaster", tooltip="Connect to ProCache Apply."),
+                io.String.Output(display_name="json", tooltip="The fitted forecaster as JSON."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, schedule: Schedule, seed, samples, sampler_name,
+                scheduler, steps, cfg, history, grouping, save_name="", fitted="") -> io.NodeOutput:
+        if steps != schedule.steps:
+            schedule = schedule.resampled(steps)
+        settings = {"pattern": schedule.pattern, "sampler": sampler_name, "scheduler": scheduler, "steps": steps,
+                    "cfg": cfg, "seed": seed, "samples": samples, "history": history, "grouping": grouping}
+        forecaster = _reusable(fitted, settings)
+        if forecaster is None:
+            forecaster = calibrate(model, positive, negative, latent_image, schedule, settings)
+        text = forecaster.to_json()
+        if save_name:
+            _save(save_name, text)
+        return io.NodeOutput(forecaster, text, ui={"text": [forecaster.describe()], "fitted": [text]})
+
+
+def _reusable(fitted: str, settings: dict):
+    if not fitted or not fitted.strip():
+        return None
+    try:
+        forecaster = from_json(fitted)
+    except ForecastError as e:
+        log.warning("ProCache: the trainer's fitted text is unusable (%s); calibrating again", e)
+        return None
+    if getattr(forecaster, "metadata", {}).get("settings") != settings:
+        log.info("ProCache: settings changed since the forecaster was fitted; calibrating again")
+        return None
+    return forecaster
+
+
+def calibrate(model, positive, negative, latent_image, schedule: Schedule, settings: dict):
+    """Full-compute runs with a recorder attached; returns the fitted forecaster."""
+    fitter = ForecastFitter(schedule.kinds, history=settings["history"], grouping=settings["grouping"])
+    all_full = Schedule(kinds=(1,) * schedule.steps, name="calibration")
+    patched = attach(model, ApplyConfig(schedule=all_full, recorder=fitter))
+    latent = comfy.sample.fix_empty_latent_channels(patched, latent_image["samples"])
+    bar = comfy.utils.ProgressBar(settings["samples"])
+    for k in range(settings["samples"]):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        seed = settings["seed"] + k
+        noise = comfy.sample.prepare_noise(latent, seed)
+        comfy.sample.sample(patched, noise, settings["steps"], settings["cfg"], settings["sampler"],
+                            settings["scheduler"], positive, negative, latent, seed=seed, disable_pbar=True)
+        bar.update(1)
+    if fitter.samples == 0:
+        raise ScheduleError("the schedule has no cached steps (or the model runs at model level): nothing to fit")
+    return fitter.fit({"settings": settings, "model": type(model.model.diffusion_model).__name__})
+
+
+def _save(name: str, text: str) -> str:
+    safe = "".join(c for c in name if c.isalnum() or c in "-_.").strip(".")
+    if not safe or safe != name:
+        raise ForecastError(f"forecaster names may use letters, digits, '-', '_' and '.', got {name!r}")
+    folder = forecaster_dir()
+    if folder is None:
+        raise ForecastError("ComfyUI's user directory is not available")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, safe + ".json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    return path
