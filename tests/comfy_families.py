@@ -227,7 +227,28 @@ LTXV = Family(
     refreshed=lambda dm: [b.ff.net[0].proj for b in dm.transformer_blocks],
 )
 
-FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV)}
+# ---- AuraFlow -----------------------------------------------------------------------------------
+def _auraflow_config(version):
+    import comfy.supported_models as sm
+    return sm.AuraFlow, {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 4,
+                         "n_double_layers": 2, "n_heads": 2, "global_conddim": 64, "cond_seq_dim": 32, "max_seq": 64}
+
+
+def _auraflow_inputs(batch, gen):
+    return torch.zeros(batch, 4, 16, 16), _text(gen, 6, 32), _text(gen, 6, 32)
+
+
+AURAFLOW = Family(
+    name="auraflow", config=_auraflow_config, inputs=_auraflow_inputs,
+    counted=lambda dm: ([m for b in dm.double_layers for m in (b.attn.w1q, b.attn.w2q, b.mlpX.c_fc1)]
+                        + [m for b in dm.single_layers for m in (b.attn.w1q, b.mlp.c_fc1)]),
+    replayed=lambda dm: ([m for b in dm.double_layers for m in (b.attn.w1o, b.attn.w2o)]
+                         + [b.attn for b in dm.single_layers]),
+    refreshed=lambda dm: [b.mlpX.c_fc1 for b in dm.double_layers] + [b.mlp.c_fc1 for b in dm.single_layers],
+    weight_scale=0.2,
+)
+
+FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

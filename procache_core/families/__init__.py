@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .auraflow import AURAFLOW
 from .base import BlockStack, Branch, FamilySpec
 from .flux import FLUX
 from .hidream import HIDREAM
@@ -14,7 +15,7 @@ from .reference import REFERENCE
 from .sd3 import SD3
 from .wan import WAN
 
-FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV)
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV, AURAFLOW)
 
 
 def is_unet(model: nn.Module) -> bool:
