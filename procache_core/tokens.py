@@ -44,7 +44,7 @@ FALLBACK_SCORE = "output_norm"
 log = logging.getLogger("procache")
 _fallbacks_logged: set = set()
 MODULES = ("mlp", "cross_attention")
-RATIO_SCHEDULES = ("constant", "toca")
+RATIO_SCHEDULES = ("constant", "toca", "toca_pixart")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +72,9 @@ class TokenSelector:
     ratio: base share of tokens recomputed per deep block. 0 makes selective steps plain reuse,
         1 recomputes every token of the refreshed branches. Cost grows linearly with it.
     ratio_schedule: "constant" uses `ratio` everywhere; "toca" scales it by step, depth and module
-        as the method's code does (more tokens late in sampling, in deeper blocks and in the MLP),
-        clamped to [0, 1].
+        as the method's DiT code does (more tokens late in sampling, in deeper blocks and in the MLP);
+        "toca_pixart" as its PixArt code does (more tokens early, in the shallower deep blocks, and
+        in the MLP: 1.6 x, cross-attention 0.6 x). Both clamped to [0, 1].
     modules: which token-wise branches selective steps refresh ("mlp", "cross_attention").
         Self-attention is never refreshed on cached steps.
     score: see the module docstring.
@@ -132,6 +133,12 @@ class TokenSelector:
     def ratio_at(self, step: int, steps: int, block: int, blocks: int, role: str) -> float:
         if self.ratio_schedule == "constant":
             return self.ratio
+        if self.ratio_schedule == "toca_pixart":
+            # The method's PixArt schedule; its step counter runs up, scaled here to any step count.
+            step_factor = 1.9 - 1.8 * step / max(steps, 1)
+            layer_factor = 1.6 - 1.2 * block / max(blocks - 1, 1)
+            module_factor = 1.6 if role == "mlp" else 0.6
+            return min(1.0, max(0.0, self.ratio * step_factor * layer_factor * module_factor))
         # The method's DiT schedule, for any step count: its step counter runs down from T-1, so
         # the factor grows along denoising; deeper blocks and the MLP get more tokens.
         steps_left = steps - 1 - step

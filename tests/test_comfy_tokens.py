@@ -226,3 +226,31 @@ def test_cfg_streams_select_on_their_own_or_share(pack, family):
         expected = _expected(family, mp, reader.seen, "cross_entropy", block, role, n)
         mean = (expected / expected.norm(dim=1, keepdim=True)).mean(0)
         _assert_top_k(idx[0], mean, (block, role))
+
+
+def test_selector_node_exposes_every_setting_with_a_tooltip(pack):
+    from procache_comfyui.nodes.selector_node import TokenImportanceSelector
+    from procache_comfyui.procache_core.tokens import RATIO_SCHEDULES, SCORES
+    schema = TokenImportanceSelector.define_schema()
+    inputs = {i.id: i for i in schema.inputs}
+    assert set(inputs) == {"token_ratio", "ratio_schedule", "deep_fraction", "modules", "score", "staleness_weight",
+                           "spatial_bonus", "same_for_cond_uncond", "spatial_grid", "attention_queries"}
+    assert all(i.tooltip for i in schema.inputs)
+    assert list(inputs["score"].options) == list(SCORES)
+    assert list(inputs["ratio_schedule"].options) == list(RATIO_SCHEDULES)
+    for score in ("attention_received", "cross_entropy"):
+        assert score in inputs["score"].tooltip                  # each attention score says what it costs
+    out = TokenImportanceSelector.execute(token_ratio=0.3, ratio_schedule="toca_pixart", deep_fraction=0.5,
+                                          modules="mlp only", score="cross_entropy", staleness_weight=0.5,
+                                          spatial_bonus=0.4, same_for_cond_uncond=True, spatial_grid=4,
+                                          attention_queries=128)
+    config = out.result[0]
+    sel = config.tokens
+    assert config.deep_fraction == 0.5
+    assert (sel.ratio, sel.ratio_schedule, sel.modules, sel.score, sel.staleness_weight, sel.spatial_bonus,
+            sel.spatial_grid, sel.shared_streams, sel.attention_queries) == \
+        (0.3, "toca_pixart", ("mlp",), "cross_entropy", 0.5, 0.4, 4, True, 128)
+    older = TokenImportanceSelector.execute(token_ratio=0.1, ratio_schedule="constant", deep_fraction=0.25,
+                                            modules="mlp + cross-attention", score="output_norm",
+                                            staleness_weight=0.25, spatial_bonus=0.0, same_for_cond_uncond=False)
+    assert older.result[0].tokens.attention_queries == 64 and older.result[0].tokens.spatial_grid == 2

@@ -245,6 +245,16 @@ def test_diffuse_text_attention_ranks_first_by_cross_entropy():
     assert split_heads(torch.arange(12.0).view(1, 1, 12), 3).shape == (1, 3, 1, 4)
 
 
+def test_pixart_ratio_schedule_matches_the_method():
+    sel = TokenSelector(ratio=0.30, ratio_schedule="toca_pixart")
+    assert sel.ratio_at(2, 20, 21, 28, "mlp") == pytest.approx(0.55, abs=5e-3)       # method.md §3.11
+    assert sel.ratio_at(17, 20, 21, 28, "mlp") == pytest.approx(0.12, abs=5e-3)
+    assert sel.ratio_at(2, 20, 27, 28, "mlp") == pytest.approx(0.6 * sel.ratio_at(2, 20, 21, 28, "mlp"), rel=1e-6)
+    assert sel.ratio_at(9, 20, 21, 28, "cross_attention") == pytest.approx(
+        0.375 * sel.ratio_at(9, 20, 21, 28, "mlp"), rel=1e-6)
+    assert sel.ratio_at(0, 20, 0, 28, "mlp") == 1.0                                   # clamped
+
+
 def test_selector_checks_its_settings():
     with pytest.raises(ValueError, match="attention_queries"):
         TokenSelector(attention_queries=0)
