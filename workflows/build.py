@@ -293,15 +293,14 @@ def wan22() -> Graph:
 
 
 def sd35() -> Graph:
-    g = Graph("SD3.5 Large text to image with ProCache (model-level caching)")
+    g = Graph("SD3.5 Large text to image with ProCache")
     name = "sd3.5_large_fp8_scaled.safetensors"
     steps = 28
-    g.note("**Stable Diffusion 3.5 Large + ProCache** (model-level caching)\n\n"
+    g.note("**Stable Diffusion 3.5 Large + ProCache** (branch-level caching of the joint blocks)\n\n"
            f"- `models/checkpoints/{name}` — [Comfy-Org/stable-diffusion-3.5-fp8]"
            f"({HF}/Comfy-Org/stable-diffusion-3.5-fp8); the text encoders and VAE are inside it\n\n"
-           "SD3.5 has no block-level family in the pack yet: Apply falls back to reusing the model's output "
-           "residual on cached steps (its report says so). That is coarser, so this schedule computes every "
-           "second step in full (2x).", (-480, 0))
+           "SD3.5 support is new: this schedule is conservative, a full step every second step (2x) and the "
+           "last step full. For more speed try the bundled `procache-dit-50-17full` with `steps` 28.", (-480, 0))
     ckpt = g.add("CheckpointLoaderSimple", (0, 0), size=(320, 98), ckpt_name=name,
                  models=[model_file(name, "checkpoints", f"{HF}/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/{name}")])
     pos = g.add("CLIPTextEncode", (0, 400), size=(400, 160), title="Positive prompt", clip=out(ckpt, 1),
@@ -317,16 +316,16 @@ def sd35() -> Graph:
 
 
 def qwen_image() -> Graph:
-    g = Graph("Qwen-Image text to image with ProCache (model-level caching)")
+    g = Graph("Qwen-Image text to image with ProCache")
     base = f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
     unet_name, te, vae_name = ("qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
                                "qwen_image_vae.safetensors")
     steps = 20
-    g.note("**Qwen-Image + ProCache** (model-level caching)\n\n"
+    g.note("**Qwen-Image + ProCache**\n\n"
            f"- `models/diffusion_models/{unet_name}`\n- `models/text_encoders/{te}`\n- `models/vae/{vae_name}`\n\n"
-           f"All three from [Comfy-Org/Qwen-Image_ComfyUI]({HF}/Comfy-Org/Qwen-Image_ComfyUI). "
-           "Qwen-Image has no block-level family in the pack yet: Apply reuses the model's output residual on "
-           "cached steps, so this schedule computes every second step in full (2x).", (-480, 0))
+           f"All three from [Comfy-Org/Qwen-Image_ComfyUI]({HF}/Comfy-Org/Qwen-Image_ComfyUI).\n\n"
+           "Branch-level caching of the joint attention and MLPs. Qwen-Image support is new: this schedule is "
+           "conservative, a full step every second step (2x) and the last step full.", (-480, 0))
     unet = g.add("UNETLoader", (0, 0), size=(320, 82), unet_name=unet_name, weight_dtype="default",
                  models=[model_file(unet_name, "diffusion_models", f"{base}/diffusion_models/{unet_name}")])
     clip = g.add("CLIPLoader", (0, 130), size=(320, 106), clip_name=te, type="qwen_image", device="default",
