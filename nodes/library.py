@@ -30,6 +30,12 @@ def _folders() -> list[tuple[str, str]]:
     return folders
 
 
+def inside(folder: str, path: str) -> bool:
+    """Whether `path`, symlinks resolved, is a file in `folder` (a link pointing out is not)."""
+    real_folder, real_path = os.path.realpath(folder), os.path.realpath(path)
+    return os.path.dirname(real_path) == real_folder and os.path.isfile(real_path)
+
+
 def listing() -> dict[str, str]:
     """name -> file path, for every schedule file in the library folders (bundled first)."""
     found: dict[str, str] = {}
@@ -38,7 +44,7 @@ def listing() -> dict[str, str]:
             continue
         for entry in sorted(os.listdir(folder)):
             path = os.path.join(folder, entry)
-            if entry.endswith(".json") and os.path.isfile(path):
+            if entry.endswith(".json") and inside(folder, path):
                 name = entry[:-5] if origin == "bundled" else f"user/{entry[:-5]}"
                 found.setdefault(name, path)
     return found
@@ -50,10 +56,15 @@ def load(name: str) -> Schedule:
     if path is None:
         raise ScheduleError(f"no schedule named {name!r} in the library; "
                             f"available: {', '.join(sorted(listing())) or 'none'}")
-    if os.path.getsize(path) > MAX_FILE_BYTES:
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)         # never more than the limit, whatever the file grew to
+    if len(data) > MAX_FILE_BYTES:
         raise ScheduleError(f"schedule file {name!r} is larger than 1 MiB; not a schedule")
-    with open(path, encoding="utf-8") as f:
-        return Schedule.from_json(f.read(), where=f"schedule {name!r}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScheduleError(f"schedule file {name!r} is not UTF-8 text; schedules are JSON files") from None
+    return Schedule.from_json(text, where=f"schedule {name!r}")
 
 
 def save_user(schedule: Schedule, name: str) -> str:

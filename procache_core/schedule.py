@@ -171,7 +171,7 @@ class Schedule:
         if doc.get("format") != FORMAT_NAME:
             raise ScheduleError(f"{where}: 'format' must be '{FORMAT_NAME}', got {doc.get('format')!r}")
         version = doc.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
             raise ScheduleError(
                 f"{where}: schedule format version {version!r} is not supported (this pack reads 1..{FORMAT_VERSION}); "
                 "update the pack or re-save the schedule")
@@ -183,12 +183,15 @@ class Schedule:
             raise ScheduleError(f"{where}: pattern values must be 0 (reuse), 1 (full) or 2 (selective); found {bad}")
         steps = doc.get("steps", len(pattern))
         if steps != len(pattern):
-            raise ScheduleError(f"{where}: 'steps' says {steps} but the pattern has {len(pattern)} entries")
+            raise ScheduleError(f"{where}: 'steps' says {steps!r} but the pattern has {len(pattern)} entries")
         units = doc.get("units")
         if units is not None:
             if not isinstance(units, list) or not all(isinstance(r, str) and set(r) <= {"0", "1"} for r in units):
                 raise ScheduleError(f"{where}: 'units' must be a list of strings of 0/1")
             units = tuple(tuple(c == "1" for c in row) for row in units)
+        notes = doc.get("notes", [])
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise ScheduleError(f"{where}: 'notes' must be a list of strings")
         text = {key: doc.get(key, "") for key in ("name", "family", "sampler", "provenance")}
         for key, value in text.items():
             if not isinstance(value, str):
@@ -196,7 +199,7 @@ class Schedule:
         try:
             return cls(kinds=tuple(pattern), name=text["name"] or "custom", family=text["family"] or "any",
                        sampler=text["sampler"], provenance=text["provenance"],
-                       notes=tuple(str(n) for n in doc.get("notes", ())), units=units)
+                       notes=tuple(notes), units=units)
         except ScheduleError as e:
             raise ScheduleError(f"{where}: {e}") from None
 
@@ -208,6 +211,8 @@ class Schedule:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except RecursionError:
+            raise ScheduleError(f"{where}: not a schedule (JSON nested too deeply)") from None
         return cls.from_dict(doc, where)
 
 
