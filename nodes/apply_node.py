@@ -20,7 +20,7 @@ class ProCacheApply(io.ComfyNode):
         return io.Schema(
             node_id="ProCacheApply",
             display_name="ProCache Apply",
-            category="ProCache",
+            category="ProCache/model",
             description="Speeds up a DiT by reusing cached block outputs on the steps the schedule marks.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to speed up. It is cloned, never changed."),
@@ -43,7 +43,8 @@ class ProCacheApply(io.ComfyNode):
                                          "last full steps instead of copying the latest. Without it: plain reuse."),
             ],
             outputs=[
-                io.Model.Output(display_name="model"),
+                io.Model.Output(display_name="model", tooltip="A copy of the input model that caches by the schedule. "
+                                                              "Connect to the sampler."),
                 io.String.Output(display_name="report", tooltip="Which caching mode the model got, and why."),
             ],
         )

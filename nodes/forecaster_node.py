@@ -68,7 +68,7 @@ class ProCacheForecaster(io.ComfyNode):
         return io.Schema(
             node_id="ProCacheForecaster",
             display_name="ProCache Forecaster",
-            category="ProCache",
+            category="ProCache/forecast",
             description="How cached steps estimate a skipped branch: copy the last full step (reuse), "
                         "extrapolate from the last two or three (Taylor), or use coefficients fitted on your model.",
             inputs=[
@@ -103,7 +103,7 @@ class ProCacheForecasterTrainer(io.ComfyNode):
         return io.Schema(
             node_id="ProCacheForecasterTrainer",
             display_name="ProCache Forecaster Trainer",
-            category="ProCache",
+            category="ProCache/forecast",
             description="Runs a few full-compute samples of your graph, records each cached branch along the "
                         "schedule and fits forecast coefficients per step by least squares (seconds after sampling).",
             is_output_node=True,

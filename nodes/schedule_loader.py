@@ -45,7 +45,7 @@ class ProCacheScheduleLoader(io.ComfyNode):
         return io.Schema(
             node_id="ProCacheScheduleLoader",
             display_name="ProCache Schedule Loader",
-            category="ProCache",
+            category="ProCache/schedules",
             description="Chooses which sampler steps run in full, reuse the cache, or recompute important tokens.",
             inputs=[
                 io.Combo.Input("source", options=names + [UNIFORM, TYPED],

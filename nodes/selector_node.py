@@ -29,7 +29,7 @@ class TokenImportanceSelector(io.ComfyNode):
         return io.Schema(
             node_id="ProCacheTokenImportanceSelector",
             display_name="Token Importance Selector",
-            category="ProCache",
+            category="ProCache/selective",
             description="On selective steps, the deepest blocks recompute their MLP (and cross-attention) "
                         "for the most important tokens and write them into the cache.",
             inputs=[

@@ -552,3 +552,26 @@ def test_comfy_workflow_runs_end_to_end_with_tiny_models(tiny_models, stem):
         assert run["mode"] != "model-level", run["mode"]       # block-level families
         actual = next(iter(run["actual"].values()))
         assert run["counts"]["reuse"] > 0 and actual.count("F") < len(actual)
+
+
+def test_comfy_pack_nodes_are_namespaced_and_documented(infos):
+    """What the node library shows: ids and categories under ProCache, a description, and a
+    tooltip on every input and output."""
+    from procache_comfyui.nodes import NODES
+    gaps = []
+    for cls in NODES:
+        schema = cls.GET_SCHEMA()
+        info = infos[schema.node_id]
+        if not schema.node_id.startswith("ProCache"):
+            gaps.append(f"{schema.node_id}: id not prefixed with ProCache")
+        if not info["category"].startswith("ProCache/"):
+            gaps.append(f"{schema.node_id}: category {info['category']!r} is not under ProCache/")
+        if not info.get("description"):
+            gaps.append(f"{schema.node_id}: no description")
+        for name, spec in all_specs(info).items():
+            if not spec_options(spec).get("tooltip"):
+                gaps.append(f"{schema.node_id}.{name}: no tooltip")
+        for name, tooltip in zip(info["output_name"], info.get("output_tooltips") or [None] * len(info["output"])):
+            if not tooltip:
+                gaps.append(f"{schema.node_id} output {name}: no tooltip")
+    assert gaps == []
