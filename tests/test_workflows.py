@@ -575,3 +575,21 @@ def test_comfy_pack_nodes_are_namespaced_and_documented(infos):
             if not tooltip:
                 gaps.append(f"{schema.node_id} output {name}: no tooltip")
     assert gaps == []
+
+
+def test_comfy_registry_metadata_is_complete():
+    """The fields the Comfy Registry requires, a changelog entry for the version, a square icon."""
+    import tomllib
+    from PIL import Image
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        meta = tomllib.load(f)
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    assert project["name"] and "comfyui" not in project["name"].lower() and len(project["name"]) < 100
+    assert all(part.isdigit() for part in project["version"].split("."))
+    assert project["description"] and project["license"] and project["urls"]["Repository"].startswith("https://")
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"].startswith(">=")
+    assert comfy["Icon"].endswith("docs/icon.png")
+    with Image.open(os.path.join(ROOT, "docs", "icon.png")) as icon:
+        assert icon.width == icon.height <= 400
+    with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as f:
+        assert f"## {project['version']} " in f.read()
