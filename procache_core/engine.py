@@ -163,7 +163,7 @@ class _Call:
                         return original(gather_tokens(tokens, idx), *args[1:], **kwargs)
                 return self.branch(index, block, branch, self.block_kind(index), like=x,
                                    full=lambda: self._probed(index, block, branch.probes, original, args, kwargs),
-                                   tokens=(lambda: x) if x is not None else None, rows=rows, inputs=args)
+                                   tokens=(lambda: token_rows(x)) if x is not None else None, rows=rows, inputs=args)
             return forward
         return make
 
@@ -272,10 +272,11 @@ class _Call:
             # a copy: some blocks (LTXV, Flux) add into their residual stream in place after the branch
             run.cache.put(self.streams, key + ("reference",), tokens().clone())
         if run.selector.tracks_staleness:
-            run.cache.put(self.streams, key + ("staleness",), out.new_zeros(out.shape[:2], dtype=torch.int32))
+            run.cache.put(self.streams, key + ("staleness",), out.new_zeros(token_rows(out).shape[:2], dtype=torch.int32))
 
     def _selective(self, index, branch, cached, tokens, rows, full_cost):
         run, key = self.run, (index, branch.name)
+        layout, cached = cached, token_rows(cached)       # select and scatter on [B, N, C]
         get = lambda name: run.cache.get(self.streams, key + (name,), device=cached.device)  # noqa: E731
         staleness = get("staleness") if run.selector.tracks_staleness else None
         ctx = SelectionContext(tokens=tokens, cached=cached, reference=get("reference"), staleness=staleness,
@@ -287,7 +288,7 @@ class _Call:
             staleness = (staleness + 1).scatter(1, idx, 0)
             run.cache.put(self.streams, key + ("staleness",), staleness)
         if idx.shape[1] == 0:
-            return cached
+            return layout
 
         def kept(name):
             value = get(name)
@@ -299,7 +300,8 @@ class _Call:
             fresh = rows(idx, tokens, kept)
         finally:
             self._recomputing = False
-        updated = scatter_tokens(cached, idx, fresh)
+        updated = scatter_tokens(cached, idx, fresh).view_as(layout)
+        cached = layout
         if run.forecast is not None:
             # Recomputed tokens keep their offset from the forecast until the next full step.
             offset = updated - cached
@@ -350,6 +352,11 @@ class _Call:
                 self.run.cache.put(self.streams, key, out - x[:, :out.shape[1]])
             return out
         return forward
+
+
+def token_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [B, N, C]: Cosmos runs its MLP on a [B, T, H, W, C] grid of tokens."""
+    return x.flatten(1, -2) if x.ndim > 3 else x
 
 
 @contextlib.contextmanager

@@ -248,7 +248,29 @@ AURAFLOW = Family(
     weight_scale=0.2,
 )
 
-FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW)}
+# ---- Cosmos Predict2 ----------------------------------------------------------------------------
+def _cosmos_config(version):
+    import comfy.supported_models as sm
+    return sm.CosmosT2IPredict2, {
+        "image_model": "cosmos_predict2", "max_img_h": 16, "max_img_w": 16, "max_frames": 4, "in_channels": 16,
+        "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "concat_padding_mask": True,
+        "model_channels": 64, "num_blocks": 2, "num_heads": 2, "crossattn_emb_channels": 32, "pos_emb_cls": "rope3d",
+        "pos_emb_learnable": True, "pos_emb_interpolation": "crop", "use_adaln_lora": True, "adaln_lora_dim": 16,
+        "extra_per_block_abs_pos_emb": False}
+
+
+def _cosmos_inputs(batch, gen):
+    return torch.zeros(batch, 16, 1, 16, 16), _text(gen, 6, 32), _text(gen, 6, 32)
+
+
+COSMOS = Family(
+    name="cosmos_predict2", config=_cosmos_config, inputs=_cosmos_inputs,
+    counted=lambda dm: [m for b in dm.blocks for m in (b.self_attn.q_proj, b.cross_attn.q_proj, b.mlp.layer1)],
+    replayed=lambda dm: [b.self_attn for b in dm.blocks],
+    refreshed=lambda dm: [b.mlp.layer1 for b in dm.blocks],
+)
+
+FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW, COSMOS)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

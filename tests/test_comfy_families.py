@@ -125,7 +125,8 @@ def test_selective_recomputes_only_the_selected_share(pack, family):
     mp = comfy_families.make_patcher(family.name)
     modules = family.refreshed(mp.model.diffusion_model)
     rows = []
-    hooks = [m.register_forward_hook(lambda mod, a, o: rows.append(a[0].shape[1])) for m in modules]
+    # tokens per batch row (Cosmos's MLP sees a [B, T, H, W, C] grid on full steps)
+    hooks = [m.register_forward_hook(lambda mod, a, o: rows.append(a[0].shape[1:-1].numel())) for m in modules]
     try:
         _cached(pack, mp, family, (1, 2), ratio=0.25, deep_fraction=1.0)
     finally:

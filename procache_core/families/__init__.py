@@ -5,6 +5,7 @@ from torch import nn
 
 from .auraflow import AURAFLOW
 from .base import BlockStack, Branch, FamilySpec
+from .cosmos import COSMOS_PREDICT2
 from .flux import FLUX
 from .hidream import HIDREAM
 from .lumina import LUMINA
@@ -15,7 +16,7 @@ from .reference import REFERENCE
 from .sd3 import SD3
 from .wan import WAN
 
-FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV, AURAFLOW)
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV, AURAFLOW, COSMOS_PREDICT2)
 
 
 def is_unet(model: nn.Module) -> bool:
