@@ -3,6 +3,8 @@ example_workflows/ serves as templates) and API format (workflows/api/*.json, fo
 
     COMFYUI_PATH=~/comfy/ComfyUI python3 workflows/build.py
 
+It also writes docs/nodes.md, the node reference, from the same definitions.
+
 Each graph is written once, by input name; the real node definitions of the ComfyUI at
 COMFYUI_PATH put the widget values in the order the frontend expects. The schedule travels as
 text in the Schedule Loader ("typed pattern"), so a shared workflow reproduces the run.
@@ -469,6 +471,47 @@ def main() -> None:
                 f.write("\n")
         shutil.copyfile(os.path.join(ui_dir, f"{stem}.json"), os.path.join(templates, f"{stem}.json"))
         print("wrote", stem)
+    write_node_reference()
+
+
+
+def node_reference(infos: dict) -> str:
+    """docs/nodes.md: every pack node with its inputs and outputs, from the live definitions."""
+    from procache_comfyui.nodes import NODES
+    from test_workflows import all_specs, spec_options, spec_type
+    lines = ["# Node reference", "",
+             "Generated from the nodes' own definitions (`python3 workflows/build.py`); the same text is "
+             "in the tooltips.", ""]
+    for cls in NODES:
+        info = infos[cls.GET_SCHEMA().node_id]
+        lines += [f"## {info['display_name']}", "",
+                  f"id `{info['name']}` · category `{info['category']}`", "", info["description"], "",
+                  "| input | type | default | what it does |", "|---|---|---|---|"]
+        optional = set(info["input"].get("optional", {}))
+        for name, spec in all_specs(info).items():
+            options = spec_options(spec)
+            kind = spec_type(spec)
+            if kind == "COMBO":
+                choices = spec[0] if isinstance(spec[0], (list, tuple)) else options.get("options", [])
+                kind = "one of " + ", ".join(f"`{c}`" for c in choices[:8]) + (" …" if len(choices) > 8 else "")
+            default = options.get("default", "")
+            default = f"`{default}`" if default != "" else ("optional" if name in optional else "")
+            tooltip = (options.get("tooltip") or "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| `{name}`{' (optional)' if name in optional else ''} | {kind} | {default} | {tooltip} |")
+        lines += ["", "| output | type | what it is |", "|---|---|---|"]
+        tooltips = info.get("output_tooltips") or [""] * len(info["output"])
+        for name, kind, tooltip in zip(info["output_name"], info["output"], tooltips):
+            lines.append(f"| `{name}` | {kind} | {tooltip or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_node_reference() -> None:
+    from test_workflows import node_infos
+    path = os.path.join(ROOT, "docs", "nodes.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(node_reference(node_infos()))
+    print("wrote", path)
 
 
 if __name__ == "__main__":
