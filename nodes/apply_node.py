@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..procache_core import ScheduleError, TokenSelector
+from ..procache_core import Schedule, ScheduleError, TokenSelector
 from .forecaster_node import FORECASTER
 from .runtime import ApplyConfig, attach, describe_model
 from .schedule_loader import SCHEDULE, describe
@@ -52,6 +52,8 @@ class ProCacheApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
                 selector: SelectorConfig | None = None, forecaster=None) -> io.NodeOutput:
+        if not isinstance(schedule, Schedule):     # a node of another pack on a loosely typed link
+            raise ScheduleError(f"the schedule input got {type(schedule).__name__}: connect ProCache Schedule Loader")
         if start_percent > end_percent:
             raise ScheduleError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         selector = selector or SelectorConfig(TokenSelector(), 0.25)

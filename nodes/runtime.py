@@ -28,6 +28,7 @@ log = logging.getLogger("procache")
 CONFIG_KEY = "procache"          # transformer_options key of the ApplyConfig (deep-copied on clone)
 RUN_KEY = "procache_run"         # transformer_options key of the live Run (only inside a sampler run)
 WRAPPER_KEY = "procache"
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)   # torch < 2.5 has only the cuda name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +214,25 @@ def apply_model_wrapper(executor, *args, **kwargs):
     if sigma is None:
         sigma = args[1]
     batch = args[0].shape[0]
-    with run.model_call(base_model.diffusion_model, float(sigma.flatten()[0]), stream_ids(transformer_options, batch)):
-        return executor(*args, **kwargs)
+    try:
+        with run.model_call(base_model.diffusion_model, float(sigma.flatten()[0]), stream_ids(transformer_options, batch)):
+            return executor(*args, **kwargs)
+    except OUT_OF_MEMORY:
+        pass        # recover outside the except block: its traceback still holds the failed call's tensors
+    stop_caching_out_of_memory(run, run.clock.step_for(float(sigma.flatten()[0])))
+    return executor(*args, **kwargs)
+
+
+def stop_caching_out_of_memory(run: Run, step: int) -> None:
+    """Free the run's cache and let the rest of the run compute as if ProCache were not attached."""
+    message = (f"out of memory while caching at step {step}: ProCache freed its cache and computes the rest of "
+               "this run in full. Turn on 'cache_on_cpu' in ProCache Apply to keep the cache in system RAM, "
+               "or cache fewer steps.")
+    run.stats.notes.append(message)
+    run.close()
+    log.warning("ProCache: %s", message)
+    import comfy.model_management
+    comfy.model_management.soft_empty_cache()
 
 
 def stream_ids(transformer_options: dict, batch: int) -> tuple[str, ...]:
