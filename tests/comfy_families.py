@@ -270,7 +270,31 @@ COSMOS = Family(
     refreshed=lambda dm: [b.mlp.layer1 for b in dm.blocks],
 )
 
-FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW, COSMOS)}
+# ---- HunyuanDiT ---------------------------------------------------------------------------------
+def _hunyuan_dit_config(version):
+    import comfy.supported_models as sm
+    return sm.HunyuanDiT, {"image_model": "hydit", "input_size": (16, 16), "patch_size": 2, "in_channels": 4,
+                           "hidden_size": 64, "depth": 4, "num_heads": 2, "text_states_dim": 32,
+                           "text_states_dim_t5": 32, "text_len": 6, "text_len_t5": 5}
+
+
+def _hunyuan_dit_inputs(batch, gen):
+    def cond():
+        return [[torch.randn(1, 6, 32, generator=gen),
+                 {"attention_mask": torch.ones(1, 6), "conditioning_mt5xl": torch.randn(1, 5, 32, generator=gen),
+                  "attention_mask_mt5xl": torch.ones(1, 5)}]]
+    return torch.zeros(batch, 4, 16, 16), cond(), cond()
+
+
+HUNYUAN_DIT = Family(
+    name="hunyuan_dit", config=_hunyuan_dit_config, inputs=_hunyuan_dit_inputs,
+    counted=lambda dm: [m for b in dm.blocks for m in (b.attn1.Wqkv, b.attn2.q_proj, b.mlp.fc1)],
+    replayed=lambda dm: [m for b in dm.blocks for m in (b.attn1.out_proj, b.attn2.out_proj)],
+    refreshed=lambda dm: [b.mlp.fc1 for b in dm.blocks],
+)
+
+FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW, COSMOS,
+                                HUNYUAN_DIT)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

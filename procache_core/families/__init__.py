@@ -8,6 +8,7 @@ from .base import BlockStack, Branch, FamilySpec
 from .cosmos import COSMOS_PREDICT2
 from .flux import FLUX
 from .hidream import HIDREAM
+from .hunyuan_dit import HUNYUAN_DIT
 from .lumina import LUMINA
 from .ltxv import LTXV
 from .pixart import PIXART
@@ -16,7 +17,7 @@ from .reference import REFERENCE
 from .sd3 import SD3
 from .wan import WAN
 
-FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV, AURAFLOW, COSMOS_PREDICT2)
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV, AURAFLOW, COSMOS_PREDICT2, HUNYUAN_DIT)
 
 
 def is_unet(model: nn.Module) -> bool:
