@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -93,8 +94,8 @@ def train(seed: int = 0, iters: int = 3000, batch: int = 128, lr: float = 1e-3, 
         if log_every and (it + 1) % log_every == 0:
             print(f"iter {it + 1}/{iters}  loss {sum(losses[-log_every:]) / log_every:.4f}  "
                   f"cpu {time.process_time() - started:.0f}s  wall {time.perf_counter() - wall:.0f}s", flush=True)
-            if out:
-                torch.save(ema_model.state_dict(), out + ".partial")
+            if out:      # a snapshot to look at while training runs; not the result
+                torch.save(ema_model.state_dict(), os.path.join(tempfile.gettempdir(), "reference_dit_digits.partial.pt"))
     report = {"seed": seed, "iters": iters, "batch": batch, "lr": lr, "ema": ema,
               "final_loss": round(sum(losses[-200:]) / len(losses[-200:]), 5),
               "cpu_seconds": round(time.process_time() - started, 1),

@@ -178,6 +178,7 @@ class _Call:
 
                 def branch(name, like, tokens=None, rows=None):
                     return self.branch(index, block, branches[name], kind, like=like, tokens=tokens, rows=rows)
+                branch.kind = kind          # families may skip input work that only refreshes need
                 try:
                     return block_stack.reuse_forward(block, branch, *args, **kwargs)
                 except CacheMiss:

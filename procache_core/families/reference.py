@@ -1,4 +1,5 @@
 """The pack's reference DiT (procache_core.reference.dit): attention and MLP branches."""
+from ..schedule import StepKind
 from ..tokens import attention_received, split_heads
 from .base import BlockStack, Branch, FamilySpec
 
@@ -16,10 +17,23 @@ def _received(block, args, kwargs, ctx):
     return [(attn.qkv, hook)]
 
 
+def block_reuse(block, branch, x, c):
+    # Reuse steps as the method's DiT code runs them: this step's modulation and gates on cached
+    # branch outputs, without the norms and modulated inputs. A block that refreshes tokens on
+    # this step runs its MLP module, whose tap does the selective update.
+    sh1, sc1, g1, sh2, sc2, g2 = block.adaLN_modulation(c).chunk(6, dim=-1)
+    x = x + g1.unsqueeze(1) * branch("attn", like=x)
+    if getattr(branch, "kind", None) == StepKind.SELECTIVE:
+        mlp = block.mlp(block.norm2(x) * (1 + sc2.unsqueeze(1)) + sh2.unsqueeze(1))
+    else:
+        mlp = branch("mlp", like=x)
+    return x + g2.unsqueeze(1) * mlp
+
+
 REFERENCE = FamilySpec(
     name="reference-dit",
     description="reference DiT: self-attention and MLP, adaLN-Zero gates",
-    stacks=(BlockStack("blocks", branches=(
+    stacks=(BlockStack("blocks", reuse_forward=block_reuse, branches=(
         Branch("attn", "attn", role="self_attention", probes=(("attention_received", _received),)),
         Branch("mlp", "mlp", role="mlp"),
     )),),
