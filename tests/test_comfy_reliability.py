@@ -328,7 +328,7 @@ def test_cache_on_cpu_keeps_the_cache_off_the_compute_device(pack, monkeypatch):
 def test_cancel_frees_the_cache_and_keeps_no_run_alive(pack, monkeypatch):
     import comfy.model_management
     from procache_comfyui.nodes import runtime
-    mp = comfy_env.make_patcher("pixart")
+    mp = comfy_env.make_patcher("wan")
     patched = _apply(pack, mp).result[0]
     seen = []
     start_run = runtime.start_run
@@ -344,7 +344,7 @@ def test_cancel_frees_the_cache_and_keeps_no_run_alive(pack, monkeypatch):
         if step == 3:
             raise comfy.model_management.InterruptProcessingException()
     try:
-        _sample_with_callback(patched, "pixart", cancel_at_step_3)
+        _sample_with_callback(patched, "wan", cancel_at_step_3)
         raise AssertionError("the run was not cancelled")
     except comfy.model_management.InterruptProcessingException:
         pass
@@ -355,8 +355,8 @@ def test_cancel_frees_the_cache_and_keeps_no_run_alive(pack, monkeypatch):
     assert runtime.RUN_KEY not in patched.model_options.get("transformer_options", {})
     assert _no_instance_forwards(mp) == []
     monkeypatch.undo()
-    assert torch.equal(comfy_env.sample(patched, "pixart"),
-                       comfy_env.sample(_apply(pack, comfy_env.make_patcher("pixart")).result[0], "pixart"))
+    assert torch.equal(comfy_env.sample(patched, "wan"),
+                       comfy_env.sample(_apply(pack, comfy_env.make_patcher("wan")).result[0], "wan"))
 
 
 def test_unloading_models_between_runs_and_between_steps(pack):
