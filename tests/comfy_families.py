@@ -176,8 +176,23 @@ def _chroma_inputs(batch, gen):
     return torch.zeros(batch, 16, 16, 16), _text(gen, 6, 32, pooled_output=pooled), _text(gen, 6, 32, pooled_output=pooled)
 
 
+def _flux2_config(version):
+    import comfy.supported_models as sm
+    return sm.Flux2, {"image_model": "flux2", "in_channels": 32, "out_channels": 32, "vec_in_dim": None,
+                      "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 2, "depth": 2,
+                      "depth_single_blocks": 2, "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 2,
+                      "qkv_bias": False, "guidance_embed": True, "txt_ids_dims": [3], "global_modulation": True,
+                      "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0}
+
+
+def _flux2_inputs(batch, gen):
+    return (torch.zeros(batch, 32, 16, 16), _text(gen, 6, 32, pooled_output=None, guidance=4.0),
+            _text(gen, 6, 32, pooled_output=None, guidance=4.0))
+
+
 HUNYUAN_VIDEO = _flux_blocks("hunyuan_video", _hunyuan_video_config, _hunyuan_video_inputs)
 CHROMA = _flux_blocks("chroma", _chroma_config, _chroma_inputs)
+FLUX2 = _flux_blocks("flux2", _flux2_config, _flux2_inputs, new_only=True, weight_scale=0.2)
 
 # ---- HiDream ------------------------------------------------------------------------------------
 def _hidream_config(version):
@@ -294,7 +309,7 @@ HUNYUAN_DIT = Family(
 )
 
 FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW, COSMOS,
-                                HUNYUAN_DIT)}
+                                HUNYUAN_DIT, FLUX2)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------
