@@ -308,8 +308,32 @@ HUNYUAN_DIT = Family(
     refreshed=lambda dm: [b.mlp.fc1 for b in dm.blocks],
 )
 
+# ---- Kandinsky 5 --------------------------------------------------------------------------------
+def _kandinsky5_config(version):
+    import comfy.supported_models as sm
+    # the model input is latent (16) + image concat (16) + mask (1) channels, patchified 1x2x2 -> 132
+    return sm.Kandinsky5, {"image_model": "kandinsky5", "in_visual_dim": 16, "out_visual_dim": 16, "in_text_dim": 32,
+                           "in_text_dim2": 32, "time_dim": 32, "model_dim": 64, "ff_dim": 128, "visual_embed_dim": 132,
+                           "patch_size": (1, 2, 2), "num_text_blocks": 1, "num_visual_blocks": 2,
+                           "axes_dims": (8, 12, 12)}
+
+
+def _kandinsky5_inputs(batch, gen):
+    pooled = lambda: torch.randn(1, 32, generator=gen)  # noqa: E731
+    return (torch.zeros(batch, 16, 2, 8, 8), _text(gen, 6, 32, pooled_output=pooled()),
+            _text(gen, 6, 32, pooled_output=pooled()))
+
+
+KANDINSKY5 = Family(
+    name="kandinsky5", config=_kandinsky5_config, inputs=_kandinsky5_inputs, new_only=True,
+    counted=lambda dm: [m for b in dm.visual_transformer_blocks for m in
+                        (b.self_attention.to_query, b.cross_attention.to_query, b.feed_forward.in_layer)],
+    replayed=lambda dm: [b.self_attention for b in dm.visual_transformer_blocks],
+    refreshed=lambda dm: [b.feed_forward.in_layer for b in dm.visual_transformer_blocks],
+)
+
 FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW, COSMOS,
-                                HUNYUAN_DIT, FLUX2)}
+                                HUNYUAN_DIT, FLUX2, KANDINSKY5)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

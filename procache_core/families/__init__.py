@@ -9,6 +9,7 @@ from .cosmos import COSMOS_PREDICT2
 from .flux import FLUX
 from .hidream import HIDREAM
 from .hunyuan_dit import HUNYUAN_DIT
+from .kandinsky5 import KANDINSKY5
 from .lumina import LUMINA
 from .ltxv import LTXV
 from .pixart import PIXART
@@ -17,7 +18,7 @@ from .reference import REFERENCE
 from .sd3 import SD3
 from .wan import WAN
 
-FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV, AURAFLOW, COSMOS_PREDICT2, HUNYUAN_DIT)
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV, AURAFLOW, COSMOS_PREDICT2, HUNYUAN_DIT, KANDINSKY5)
 
 
 def is_unet(model: nn.Module) -> bool:
