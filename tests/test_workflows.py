@@ -3,7 +3,7 @@ be built tiny run end to end through ComfyUI's own executor.
 
 Node definitions come from ComfyUI itself: `nodes.init_extra_nodes` loads comfy_extras (as the
 server does at start-up), and the pack's nodes are registered from its `comfy_entrypoint`. Every
-UI workflow (workflows/*.json, example_workflows/*.json) and API workflow (workflows/api/*.json)
+UI workflow (example_workflows/*.json, also the templates) and API workflow (workflows/api/*.json)
 is checked for: known node types, every widget value valid for its type, range and options (combo
 values that name model files are exempt: nobody has the files here), links whose output type
 matches the input type, every required input given, and the UI and API files describing the same
@@ -24,9 +24,8 @@ import comfy_env
 pytestmark = pytest.mark.skipif(comfy_env.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH")
 
 ROOT = comfy_env.PACK_ROOT
-UI_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+UI_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))     # also the templates
 API_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*.json")))
-TEMPLATE_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 FRONTEND_ONLY = {"Note", "MarkdownNote"}          # frontend nodes, never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -275,15 +274,15 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def test_comfy_every_workflow_has_both_formats_and_a_template():
+def test_comfy_every_workflow_has_both_formats_and_one_template():
     assert len(UI_FILES) >= 8
     assert [_stem(p) for p in UI_FILES] == [_stem(p) for p in API_FILES]
-    assert [_stem(p) for p in UI_FILES] == [_stem(p) for p in TEMPLATE_FILES]
-    for ui, template in zip(UI_FILES, TEMPLATE_FILES):
-        assert _load(ui) == _load(template), f"example_workflows/{os.path.basename(template)} is stale"
+    # ComfyUI lists a pack's example_workflows/*.json and workflows/*.json alike as templates:
+    # UI files in both places would show every template twice in the browser
+    assert glob.glob(os.path.join(ROOT, "workflows", "*.json")) == []
 
 
-@pytest.mark.parametrize("path", UI_FILES + TEMPLATE_FILES, ids=lambda p: os.path.relpath(p, ROOT))
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_comfy_ui_workflow_is_valid(infos, path):
     doc = _load(path)
     assert ui_problems(doc, infos) == []
@@ -296,7 +295,7 @@ def test_comfy_ui_workflow_is_valid(infos, path):
 def test_comfy_api_workflow_is_valid_and_matches_ui(infos, path):
     prompt = _load(path)
     assert api_problems(prompt, infos) == []
-    ui = _load(os.path.join(ROOT, "workflows", os.path.basename(path)))
+    ui = _load(os.path.join(ROOT, "example_workflows", os.path.basename(path)))
     stripped = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
     assert ui_to_api(ui, infos) == stripped
 
@@ -318,7 +317,7 @@ def test_comfy_schedule_text_reproduces_the_run(infos, path):
 
 def test_comfy_checker_catches_broken_workflows(infos):
     """The checks above can fail: a wrong combo value, a value out of range, a mistyped link."""
-    doc = _load(os.path.join(ROOT, "workflows", "procache_flux_dev_t2i.json"))
+    doc = _load(os.path.join(ROOT, "example_workflows", "procache_flux_dev_t2i.json"))
     nodes = {n["type"]: n for n in doc["nodes"]}
     nodes["KSampler"]["widgets_values"][4] = "no_such_sampler"
     nodes["ProCacheApply"]["widgets_values"][1] = 1.5

@@ -1,5 +1,8 @@
-"""Writes the pack's workflows: UI format (workflows/*.json, what the ComfyUI frontend opens and
-example_workflows/ serves as templates) and API format (workflows/api/*.json, for scripts).
+"""Writes the pack's workflows: UI format (example_workflows/*.json, what the ComfyUI frontend opens
+and its template browser lists) and API format (workflows/api/*.json, for scripts).
+
+The UI files live only in example_workflows/: ComfyUI lists the top-level JSON files of a pack's
+`workflows/` folder as templates too, so a copy there would show every template twice.
 
     COMFYUI_PATH=~/comfy/ComfyUI python3 workflows/build.py
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import uuid
 
@@ -458,10 +460,9 @@ def to_api(g: Graph, infos: dict) -> dict:
 def main() -> None:
     from test_workflows import node_infos
     infos = node_infos()
-    ui_dir, api_dir = os.path.join(ROOT, "workflows"), os.path.join(ROOT, "workflows", "api")
-    templates = os.path.join(ROOT, "example_workflows")
+    ui_dir, api_dir = os.path.join(ROOT, "example_workflows"), os.path.join(ROOT, "workflows", "api")
     os.makedirs(api_dir, exist_ok=True)
-    os.makedirs(templates, exist_ok=True)
+    os.makedirs(ui_dir, exist_ok=True)
     for stem, make in WORKFLOWS.items():
         g = make()
         for path, doc in ((os.path.join(ui_dir, f"{stem}.json"), to_ui(g, infos, stem)),
@@ -469,7 +470,6 @@ def main() -> None:
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=1, ensure_ascii=False)
                 f.write("\n")
-        shutil.copyfile(os.path.join(ui_dir, f"{stem}.json"), os.path.join(templates, f"{stem}.json"))
         print("wrote", stem)
     write_node_reference()
 
