@@ -228,11 +228,15 @@ def text_entropy(q: torch.Tensor, k_text: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs + 1e-7)).sum(-1)
 
 
-def rotary(x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+def rotary(x: torch.Tensor, freqs: torch.Tensor | None, rows: torch.Tensor | slice | None = None,
+           dim: int = 2) -> torch.Tensor:
     """Rotary position embedding in ComfyUI's layout (Flux `pe`, Wan `freqs`): pairs of channels
-    are rotated by the 2x2 matrices freqs[..., :, :]. None leaves x unchanged."""
+    are rotated by the 2x2 matrices freqs[..., :, :]. None leaves x unchanged. With `rows`, x holds
+    only those tokens (token axis `dim` of x and freqs), so only they are rotated."""
     if freqs is None:
         return x
+    if rows is not None and freqs.shape[dim] > 1:
+        freqs = freqs[(slice(None),) * dim + (rows,)]
     pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)
     out = freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]
     return out.reshape(*x.shape)

@@ -53,7 +53,8 @@ def _run(pack, mp, family, **selector):
     runtime, recording = pack
     PICKS.clear()
     config = runtime.ApplyConfig(schedule=Schedule(kinds=(1, 2)), deep_fraction=1.0,
-                                 selector=recording(ratio=0.25, staleness_weight=0, attention_queries=4096, **selector))
+                                 selector=recording(**{"ratio": 0.25, "staleness_weight": 0, "attention_queries": 4096,
+                                                       **selector}))
     comfy_env.sample(runtime.attach(mp, config), family, steps=2, cfg=2.0)
     return list(PICKS)
 
@@ -85,8 +86,9 @@ def _attention(q, k):                       # [B, H, Nq, Nk], formed in full
     return torch.softmax(q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
 
 
-def _received(q, k):
-    return _attention(q, k).mean(dim=(1, 2))
+def _received(q, k, rows=None):
+    attention = _attention(q, k)
+    return (attention if rows is None else attention[:, :, rows]).mean(dim=(1, 2))
 
 
 def _entropy(q, k_text):
@@ -128,8 +130,9 @@ def _read(family, mp):
     return r
 
 
-def _expected(family, mp, seen, score, block, role, n):
-    """The score of every token of the branch the selector ranked, from the full step's tensors."""
+def _expected(family, mp, seen, score, block, role, n, rows=None):
+    """The score of every token of the branch the selector ranked, from the full step's tensors
+    (rows: the queries attention_received averages over; None: all)."""
     dm = mp.model.diffusion_model
     if family == "pixart":
         heads = dm.blocks[block].attn.num_heads
@@ -138,7 +141,7 @@ def _expected(family, mp, seen, score, block, role, n):
         if score == "attention_received":
             qkv = seen[("qkv", block)]
             q, k, _ = qkv.view(*qkv.shape[:2], 3, -1).unbind(2)
-            return _received(_heads(q, heads), _heads(k, heads))
+            return _received(_heads(q, heads), _heads(k, heads), rows)
         q = seen[("cq", block)]
         k = seen[("ckv", block)].reshape(q.shape[0], -1, 2 * q.shape[-1])[..., :q.shape[-1]]
         return _entropy(_heads(q, heads), _heads(k, heads))
@@ -151,7 +154,7 @@ def _expected(family, mp, seen, score, block, role, n):
             freqs = seen[("self_in", block)][0][1]
             q, k = (apply_rope1(seen[(name, block)].view(*seen[(name, block)].shape[:2], attn.num_heads, -1), freqs)
                     .transpose(1, 2) for name in ("sq", "sk"))
-            return _received(q, k)
+            return _received(q, k, rows)
         return _entropy(_heads(seen[("cq", block)], attn.num_heads), _heads(seen[("ck", block)], attn.num_heads))
     # flux
     from comfy.ldm.flux.math import apply_rope
@@ -170,7 +173,7 @@ def _expected(family, mp, seen, score, block, role, n):
             return seen[("fused", block)].norm(dim=-1)
         q, k = apply_rope(*seen[("qk", block)], kwargs["pe"])
         branch = "fused"
-    joint = _received(q, k) if score == "attention_received" else _entropy(q, k[:, :, :txt_n])
+    joint = _received(q, k, rows) if score == "attention_received" else _entropy(q, k[:, :, :txt_n])
     return {"txt_mlp": joint[:, :txt_n], "img_mlp": joint[:, txt_n:], "fused": joint}[branch]
 
 
@@ -254,3 +257,25 @@ def test_selector_node_exposes_every_setting_with_a_tooltip(pack):
                                             modules="mlp + cross-attention", score="output_norm",
                                             staleness_weight=0.25, spatial_bonus=0.0, same_for_cond_uncond=False)
     assert older.result[0].tokens.attention_queries == 64 and older.result[0].tokens.spatial_grid == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_received_from_sampled_queries(pack, family):
+    """With fewer queries than tokens, the score is the mean over the sampled rows of the full map."""
+    from procache_comfyui.procache_core import TokenSelector
+    mp = _patcher(family)
+    reader = _read(family, mp)
+    try:
+        picks = _run(pack, mp, family, score="attention_received", attention_queries=8)
+    finally:
+        reader.remove()
+    sampler = TokenSelector(attention_queries=8)
+    for block, role, n, idx in picks:
+        joint = n                                      # queries are drawn from the whole attention sequence
+        if family == "flux" and ("txt_qk", block) in reader.seen:
+            joint = reader.seen[("txt_qk", block)][0].shape[2] + reader.seen[("img_qk", block)][0].shape[2]
+        rows = sampler.query_subset(joint, step=0, block=block)
+        assert rows.numel() == 8
+        expected = _expected(family, mp, reader.seen, "attention_received", block, role, n, rows)
+        for row in range(2):
+            _assert_top_k(idx[row], expected[row], (block, role, row))

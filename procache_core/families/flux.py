@@ -96,11 +96,13 @@ def _text_slice(notes, total):
     return slice(total - n_text, total) if text_last else slice(0, n_text)
 
 
-def _joint_score(score, q, k, text, ctx):
-    """[B, N] score of every token of a joint sequence; q, k: [B, H, N, D] after the rotary embedding."""
+def _joint_score(score, q, k, pe, text, ctx):
+    """[B, N] score of every token of a joint sequence; q, k: [B, H, N, D] before the rotary
+    embedding, which is applied to the rows the score reads only."""
     if score == "attention_received":
-        return attention_received(q[:, :, ctx.queries(q.shape[2], q.device)], k)
-    return text_entropy(q, k[:, :, text])
+        sampled = ctx.queries(q.shape[2], q.device)
+        return attention_received(rotary(q[:, :, sampled], pe, sampled), rotary(k, pe))
+    return text_entropy(rotary(q, pe), rotary(k[:, :, text], pe, text))
 
 
 def _double_probe(score):
@@ -120,10 +122,10 @@ def _double_probe(score):
             if "img" not in seen:
                 return
             parts = (seen.pop("img"), txt_qk) if text_last else (txt_qk, seen.pop("img"))
-            q = rotary(torch.cat((parts[0][0], parts[1][0]), dim=2), pe)
-            k = rotary(torch.cat((parts[0][1], parts[1][1]), dim=2), pe)
+            q = torch.cat((parts[0][0], parts[1][0]), dim=2)
+            k = torch.cat((parts[0][1], parts[1][1]), dim=2)
             text = _text_slice(ctx.notes, q.shape[2])
-            joint = _joint_score(score, q, k, text, ctx)
+            joint = _joint_score(score, q, k, pe, text, ctx)
             image = torch.ones(joint.shape[1], dtype=torch.bool, device=joint.device)
             image[text] = False
             ctx.store({"img_mlp": joint[:, image], "txt_mlp": joint[:, text]})
@@ -138,9 +140,9 @@ def _single_probe(score):
         pe = _arg(args, kwargs, "pe", 2)
 
         def hook(module, inputs, qk):
-            q, k = rotary(qk[0], pe), rotary(qk[1], pe)
-            ctx.store({"fused": _joint_score(score, q, k, _text_slice(ctx.notes, q.shape[2]) if score == "cross_entropy"
-                                             else None, ctx)})
+            q, k = qk
+            text = _text_slice(ctx.notes, q.shape[2]) if score == "cross_entropy" else None
+            ctx.store({"fused": _joint_score(score, q, k, pe, text, ctx)})
         return [(block.norm, hook)]
     return probe
 

@@ -10,9 +10,9 @@ from .base import BlockStack, Branch, FamilySpec
 _REFRESHED = ("cross_attn", "ffn")
 
 
-def _heads(x, freqs, attn):
-    # [B, S, C] -> rotary in Wan's [B, S, H, D] layout -> [B, H, S, D]
-    return rotary(x.unflatten(-1, (attn.num_heads, -1)), freqs).transpose(1, 2)
+def _heads(x, freqs, attn, rows=None):
+    # [B, S, C] -> rotary in Wan's [B, S, H, D] layout (tokens on axis 1) -> [B, H, S, D]
+    return rotary(x.unflatten(-1, (attn.num_heads, -1)), freqs, rows, dim=1).transpose(1, 2)
 
 
 def _received(block, args, kwargs, ctx):
@@ -28,8 +28,9 @@ def _received(block, args, kwargs, ctx):
     def on_k(module, inputs, k):
         if "q" not in seen:
             return
-        q = _heads(seen.pop("q"), freqs, attn)
-        q = q[:, :, ctx.queries(q.shape[2], q.device)]
+        q = seen.pop("q")
+        sampled = ctx.queries(q.shape[1], q.device)
+        q = _heads(q[:, sampled], freqs, attn, sampled)
         ctx.store(dict.fromkeys(_REFRESHED, attention_received(q, _heads(k, freqs, attn))))
     return [(attn.norm_q, on_q), (attn.norm_k, on_k)]
 
