@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..procache_core import Schedule, ScheduleError, TokenSelector
 from .forecaster_node import FORECASTER
-from .runtime import ApplyConfig, attach, describe_model
+from .runtime import ApplyConfig, attach, describe_model, double_caching_warning
 from .schedule_loader import SCHEDULE, describe
 from .selector_node import SELECTOR, SelectorConfig
 
@@ -67,6 +67,10 @@ class ProCacheApply(io.ComfyNode):
             return io.NodeOutput(model, sentence, ui={"text": [sentence], "mode": [mode]})
         patched = attach(model, config)
         report = f"{sentence}\n{describe(schedule)}"
+        warning = double_caching_warning(model)
+        if warning:
+            log.warning("ProCache: %s", warning)
+            report = f"WARNING: {warning}\n{report}"
         if forecaster is not None:
             report += f"\nforecast: {forecaster.describe()}"
         return io.NodeOutput(patched, report, ui={"text": [report], "mode": [mode]})

@@ -104,6 +104,33 @@ def describe_model(model) -> tuple[str, str]:
     return (family.name if family else "model-level"), sentence
 
 
+# Other step caches, by the key they register their wrappers under (ComfyUI's own nodes).
+OTHER_CACHES = {"easycache": "EasyCache", "lazycache": "LazyCache"}
+
+
+def other_caches(model) -> list[str]:
+    """Other caching methods already on this ModelPatcher: wrappers of ComfyUI's EasyCache and
+    LazyCache, and wrappers or transformer_options entries of other packs with "cache" in their key."""
+    found = []
+    for by_key in getattr(model, "wrappers", {}).values():
+        for key in by_key:
+            if not key.startswith(WRAPPER_KEY) and "cache" in key.lower() and by_key[key]:
+                found.append(OTHER_CACHES.get(key, key))
+    options = model.model_options.get("transformer_options", {})
+    if not found:
+        found += [key for key in options if "cache" in key.lower() and not key.startswith(CONFIG_KEY)]
+    return sorted(set(found))
+
+
+def double_caching_warning(model) -> str | None:
+    others = other_caches(model)
+    if not others:
+        return None
+    return (f"{' and '.join(others)} {'is' if len(others) == 1 else 'are'} also applied to this model. Each skips computation on its own schedule, "
+            "so cached steps would be cached again (lower quality, misleading speed-ups). Remove one of them "
+            "from the graph, or bypass it.")
+
+
 # ---- OUTER_SAMPLE ---------------------------------------------------------------------------
 _SIGMAS, _CALLBACK = 3, 5       # positions in CFGGuider.outer_sample(noise, latent, sampler, sigmas, mask, callback, ...)
 
@@ -118,6 +145,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     sigmas = args[_SIGMAS] if len(args) > _SIGMAS else kwargs["sigmas"]
     user_callback = args[_CALLBACK] if len(args) > _CALLBACK else kwargs.get("callback")
     run = start_run(config, guider.model_patcher, sigmas)
+    warning = double_caching_warning(guider.model_patcher)     # also catches a cache added after Apply
+    if warning:
+        run.stats.notes.append(warning)
+        log.warning("ProCache: %s", warning)
     callback = run.sampler_callback(user_callback, on_step=lambda step: events.send(events.STEP_EVENT, step_event(run, step)))
     if len(args) > _CALLBACK:
         args[_CALLBACK] = callback
