@@ -16,7 +16,8 @@ What it does:
    with POST /free (unload models, free memory) before each: a fresh run of the same settings.
 4. Reports: errors (execution errors, tracebacks in the server log), stale reuse (soak outputs
    that differ from their fresh run), cancels that landed mid-sampling, and the server's resident
-   memory (RSS) after prompt 10 and after the last prompt.
+   memory (RSS), idle, after prompt 10 and after the last prompt (the queue drains before each
+   measurement: RSS of a busy server swings with the prompt in flight).
 Exit status 0 only if there were no errors, no stale outputs, and RSS stayed within 5 %.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ RESOLUTIONS = {"wan": [(64, 64), (96, 64)], "pixart": [(16, 640), (32, 640)]}
 SAMPLERS = ["euler", "dpmpp_2m", "heun", "euler_ancestral", "uni_pc"]
 STEPS, CANCEL_STEPS, CANCEL_AT = 8, 40, 3
 IN_FLIGHT = 3           # prompts queued ahead of the one running
+RSS_AFTER = 10          # memory is compared between the idle server after this many prompts and after all
 
 CONDITIONING_NODE = '''"""Test-only node for the ProCache soak test: conditioning of the right shape from a seed."""
 import torch
@@ -198,13 +200,15 @@ def prompt_for(s: dict, prefix: str) -> dict:
 
 
 async def run_phase(session, server: Server, base: str, items: list[dict], prefix: str, fresh: bool) -> dict:
-    """Queue `items`; returns index -> result (status, latent file, ProCache run summary, RSS after it).
+    """Queue `items`; returns index -> result (status, latent file, ProCache run summary, RSS after it),
+    and the RSS of the idle server after the first RSS_AFTER prompts and after all of them.
 
     fresh=False: IN_FLIGHT prompts queued at a time, cancels sent. fresh=True: one at a time, each
     after POST /free, no cancels.
     """
     client_id = uuid.uuid4().hex
     results: dict[int, dict] = {}
+    idle_rss: dict[str, int] = {}
     by_prompt: dict[str, dict] = {}
     done = asyncio.Queue()
     running = {"prompt": None}
@@ -238,6 +242,11 @@ async def run_phase(session, server: Server, base: str, items: list[dict], prefi
         in_flight = 0
         while queue or in_flight:
             while queue and in_flight < (1 if fresh else IN_FLIGHT):
+                if not fresh and queue[0]["index"] == RSS_AFTER and "first" not in idle_rss:
+                    if in_flight:
+                        break           # let the first RSS_AFTER prompts drain, then measure an idle server
+                    await asyncio.sleep(1.0)
+                    idle_rss["first"] = server.rss()
                 s = queue.pop(0)
                 if fresh:
                     async with session.post(server.url + "/free", json={"unload_models": True, "free_memory": True}):
@@ -261,7 +270,9 @@ async def run_phase(session, server: Server, base: str, items: list[dict], prefi
                 print(f"  prompt {r['settings']['index']:3d} {r['settings']['family']:6s} {r['status']:22s} "
                       f"rss {r['rss'] / 2**20:7.1f} MiB", flush=True)
         listener.cancel()
-    return results
+    await asyncio.sleep(1.0)
+    idle_rss["last"] = server.rss()
+    return results, idle_rss
 
 
 def load_latent(path: str):
@@ -285,7 +296,7 @@ async def soak(args) -> int:
             await server.wait_ready(session)
             print(f"soak server up (pid {server.process.pid}); queuing {len(items)} prompts")
             started = time.perf_counter()
-            soaked = await run_phase(session, server, base, items, "soak", fresh=False)
+            soaked, idle_rss = await run_phase(session, server, base, items, "soak", fresh=False)
             soak_seconds = time.perf_counter() - started
             soak_tracebacks = server.tracebacks()
             server.stop()
@@ -295,7 +306,7 @@ async def soak(args) -> int:
             servers.append(reference_server)
             await reference_server.wait_ready(session)
             print(f"fresh server up; re-running {len(finished)} finished prompts one at a time, in reverse order")
-            fresh = await run_phase(session, reference_server, base, list(reversed(finished)), "fresh", fresh=True)
+            fresh, _ = await run_phase(session, reference_server, base, list(reversed(finished)), "fresh", fresh=True)
             fresh_tracebacks = reference_server.tracebacks()
     finally:
         for s in servers:
@@ -324,9 +335,9 @@ async def soak(args) -> int:
         run = soaked[i]["runs"][-1] if soaked[i]["runs"] else None
         if run is not None:
             cached_steps += sum(a.count("R") + a.count("S") for a in run["actual"].values())
-    first = min(9, len(items) - 1)
-    rss_first, rss_last = soaked[first]["rss"], soaked[len(items) - 1]["rss"]
+    rss_first, rss_last = idle_rss.get("first", idle_rss["last"]), idle_rss["last"]
     growth = rss_last / rss_first - 1.0
+    busy = [soaked[i]["rss"] for i in range(min(RSS_AFTER, len(items) - 1), len(items))]
     lines = [
         f"ComfyUI {args.comfyui}; {len(items)} prompts in {soak_seconds:.0f} s "
         f"(models: tiny Wan 2.1 and PixArt-Sigma via UNETLoader; CPU)",
@@ -338,8 +349,9 @@ async def soak(args) -> int:
         f"cancels: {len(cancels)} sent at step {CANCEL_AT} of {CANCEL_STEPS}, {len(interrupted)} interrupted, "
         f"{len(mid_sampling)} of them mid-sampling (ProCache run shows unrun steps); "
         f"prompts that should have finished but did not: {len(uncancelled_wrong)}",
-        f"server RSS after prompt {first + 1}: {rss_first / 2**20:.1f} MiB, after prompt {len(items)}: "
-        f"{rss_last / 2**20:.1f} MiB ({growth * 100:+.2f} %)",
+        f"server RSS, idle, after prompt {RSS_AFTER}: {rss_first / 2**20:.1f} MiB, after prompt {len(items)}: "
+        f"{rss_last / 2**20:.1f} MiB ({growth * 100:+.2f} %); while busy, prompts {RSS_AFTER + 1}..{len(items)}: "
+        f"{min(busy) / 2**20:.0f}..{max(busy) / 2**20:.0f} MiB",
     ]
     print("\n".join(lines))
     if not args.keep:
