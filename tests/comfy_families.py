@@ -332,8 +332,33 @@ KANDINSKY5 = Family(
     refreshed=lambda dm: [b.feed_forward.in_layer for b in dm.visual_transformer_blocks],
 )
 
+# ---- Mochi --------------------------------------------------------------------------------------
+def _mochi_config(version):
+    import comfy.supported_models as sm
+    # ComfyUI's Mochi block asserts a video MLP width of 12288 (3072 x 4); 64 x 192 keeps it tiny elsewhere
+    return sm.GenmoMochi, {"image_model": "mochi_preview", "depth": 2, "patch_size": 2, "num_heads": 2,
+                           "hidden_size_x": 64, "hidden_size_y": 32, "mlp_ratio_x": 192.0, "mlp_ratio_y": 4.0,
+                           "learn_sigma": False, "in_channels": 12, "qk_norm": True, "qkv_bias": False,
+                           "out_bias": True, "attn_drop": 0.0, "patch_embed_bias": True, "posenc_preserve_area": True,
+                           "timestep_mlp_bias": True, "attend_to_padding": False, "timestep_scale": 1000.0,
+                           "use_t5": True, "t5_feat_dim": 32, "t5_token_length": 6, "rope_theta": 10000.0}
+
+
+def _mochi_inputs(batch, gen):
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return (torch.zeros(batch, 12, 2, 8, 8), _text(gen, 6, 32, attention_mask=mask),
+            _text(gen, 6, 32, attention_mask=mask))
+
+
+MOCHI = Family(
+    name="mochi", config=_mochi_config, inputs=_mochi_inputs,
+    counted=lambda dm: [m for b in dm.blocks for m in (b.attn.qkv_x, b.mlp_x.w1)],
+    replayed=lambda dm: [m for b in dm.blocks for m in (b.attn.proj_x, b.attn.proj_y)],
+    refreshed=lambda dm: [b.mlp_x.w1 for b in dm.blocks],
+)
+
 FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW, COSMOS,
-                                HUNYUAN_DIT, FLUX2, KANDINSKY5)}
+                                HUNYUAN_DIT, FLUX2, KANDINSKY5, MOCHI)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

@@ -12,13 +12,14 @@ from .hunyuan_dit import HUNYUAN_DIT
 from .kandinsky5 import KANDINSKY5
 from .lumina import LUMINA
 from .ltxv import LTXV
+from .mochi import MOCHI
 from .pixart import PIXART
 from .qwen import QWEN_IMAGE
 from .reference import REFERENCE
 from .sd3 import SD3
 from .wan import WAN
 
-FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV, AURAFLOW, COSMOS_PREDICT2, HUNYUAN_DIT, KANDINSKY5)
+FAMILIES: tuple[FamilySpec, ...] = (REFERENCE, PIXART, FLUX, WAN, SD3, QWEN_IMAGE, LUMINA, HIDREAM, LTXV, AURAFLOW, COSMOS_PREDICT2, HUNYUAN_DIT, KANDINSKY5, MOCHI)
 
 
 def is_unet(model: nn.Module) -> bool:
