@@ -298,6 +298,15 @@ def test_comfy_api_workflow_is_valid_and_matches_ui(infos, path):
     ui = _load(os.path.join(ROOT, "example_workflows", os.path.basename(path)))
     stripped = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
     assert ui_to_api(ui, infos) == stripped
+    # ComfyUI's own validation (what POST /prompt runs) objects only to model files nobody has here
+    import execution
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("procache-check", prompt, None))
+    objections = {(node["class_type"], e["type"], e["extra_info"].get("input_name"),
+                   str(e["extra_info"].get("received_value")))
+                  for node in node_errors.values() for e in node["errors"]}
+    assert (valid and outputs) or objections
+    assert all(kind == "value_not_in_list" and value.endswith(MODEL_FILE_ENDINGS)
+               for _, kind, _, value in objections), objections
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: os.path.relpath(p, ROOT))
