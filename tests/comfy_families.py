@@ -86,12 +86,23 @@ def _qwen_inputs(batch, gen):
     return torch.zeros(batch, 16, 1, 16, 16), _text(gen, 6, 32), _text(gen, 6, 32)
 
 
+def _qwen_edit_inputs(batch, gen):
+    """Qwen-Image-Edit with a reference latent whose tokens get timestep 0 (a second modulation)."""
+    def cond():
+        return [[torch.randn(1, 6, 32, generator=gen),
+                 {"reference_latents": [torch.randn(1, 16, 1, 16, 16, generator=gen)],
+                  "reference_latents_method": "index_timestep_zero"}]]
+    return torch.zeros(batch, 16, 1, 16, 16), cond(), cond()
+
+
 QWEN = Family(
     name="qwen_image", config=_qwen_config, inputs=_qwen_inputs,
     counted=lambda dm: [m for b in dm.transformer_blocks for m in (b.attn.to_q, b.img_mlp, b.txt_mlp)],
     replayed=lambda dm: [m for b in dm.transformer_blocks for m in (b.attn.to_out[0], b.attn.to_add_out)],
     refreshed=lambda dm: [b.img_mlp.net[0].proj for b in dm.transformer_blocks],
 )
+QWEN_EDIT = dataclasses.replace(QWEN, name="qwen_image_edit", inputs=_qwen_edit_inputs, new_only=True,
+                                spec="qwen_image")
 
 
 # ---- Lumina 2 / Z-Image --------------------------------------------------------------------------
@@ -357,7 +368,7 @@ MOCHI = Family(
     refreshed=lambda dm: [b.mlp_x.w1 for b in dm.blocks],
 )
 
-FAMILIES = {f.name: f for f in (SD3, QWEN, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW, COSMOS,
+FAMILIES = {f.name: f for f in (SD3, QWEN, QWEN_EDIT, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW, COSMOS,
                                 HUNYUAN_DIT, FLUX2, KANDINSKY5, MOCHI)}
 
 
