@@ -238,8 +238,8 @@ def rotary(x: torch.Tensor, freqs: torch.Tensor | None, rows: torch.Tensor | sli
     if rows is not None and freqs.shape[dim] > 1:
         freqs = freqs[(slice(None),) * dim + (rows,)]
     pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)
-    out = freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]
-    return out.reshape(*x.shape)
+    out = freqs[..., 0] * pairs[..., 0]
+    return out.addcmul_(freqs[..., 1], pairs[..., 1]).reshape(*x.shape)
 
 
 def spatial_bonus(score: torch.Tensor, grid: int, bonus: float) -> torch.Tensor:
