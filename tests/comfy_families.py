@@ -28,6 +28,7 @@ class Family:
     new_only: bool = False      # the family exists in ComfyUI 0.8.0 but not in 0.3.64
     spec: str = ""              # the pack's family name when it differs (Z-Image runs as lumina2)
     weight_scale: float = 0.02  # std of the random weights (large enough that every branch matters)
+    noise_mask: Callable | None = None      # (latent) -> the sampler's noise mask (image-to-video)
 
     @property
     def adapter(self) -> str:
@@ -246,12 +247,27 @@ def _ltxv_inputs(batch, gen):
             _text(gen, 6, 32, attention_mask=mask))
 
 
+def _ltxv_i2v_inputs(batch, gen):
+    latent, pos, neg = _ltxv_inputs(batch, gen)
+    latent[:, :, :1] = torch.randn(batch, 128, 1, 4, 4, generator=gen)     # the encoded first frame
+    return latent, pos, neg
+
+
+def _first_frame_kept(latent):
+    """LTXVImgToVideo's mask: the first latent frame is kept, so its tokens get their own timestep."""
+    mask = torch.ones(latent.shape[0], 1, *latent.shape[2:])
+    mask[:, :, :1] = 0.0
+    return mask
+
+
 LTXV = Family(
     name="ltxv", config=_ltxv_config, inputs=_ltxv_inputs,
     counted=lambda dm: [m for b in dm.transformer_blocks for m in (b.attn1.to_q, b.attn2.to_q, b.ff.net[0].proj)],
     replayed=lambda dm: [b.attn1 for b in dm.transformer_blocks],
     refreshed=lambda dm: [b.ff.net[0].proj for b in dm.transformer_blocks],
 )
+LTXV_I2V = dataclasses.replace(LTXV, name="ltxv_i2v", inputs=_ltxv_i2v_inputs, noise_mask=_first_frame_kept,
+                               spec="ltxv")
 
 # ---- AuraFlow -----------------------------------------------------------------------------------
 def _auraflow_config(version):
@@ -368,7 +384,7 @@ MOCHI = Family(
     refreshed=lambda dm: [b.mlp_x.w1 for b in dm.blocks],
 )
 
-FAMILIES = {f.name: f for f in (SD3, QWEN, QWEN_EDIT, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, AURAFLOW, COSMOS,
+FAMILIES = {f.name: f for f in (SD3, QWEN, QWEN_EDIT, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, LTXV_I2V, AURAFLOW, COSMOS,
                                 HUNYUAN_DIT, FLUX2, KANDINSKY5, MOCHI)}
 
 
@@ -396,6 +412,7 @@ def sample(patcher, name: str, steps: int = 4, cfg: float = 2.0, seed: int = 0, 
     if latent is not None:
         lat = latent
     noise = comfy.sample.prepare_noise(lat, seed)
+    mask = FAMILIES[name].noise_mask
     return comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, pos, neg, lat,
                                start_step=start_step, last_step=last_step, force_full_denoise=force_full_denoise,
-                               seed=seed, disable_pbar=True)
+                               noise_mask=None if mask is None else mask(lat), seed=seed, disable_pbar=True)
