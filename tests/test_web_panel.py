@@ -1,0 +1,233 @@
+"""The web panel in a real browser: a real ComfyUI server (headless, CPU) with the pack installed,
+headless Chromium (Debian's `chromium`, driven by playwright-core from tests/web) opens the page.
+
+The server's custom_nodes folder (in a temporary base directory) links to the pack and to
+tests/testing_nodes, which build a tiny PixArt-Sigma from ComfyUI's own classes. The page loads
+and queues two API graphs through the frontend (app.loadApiJson, app.queuePrompt): one without the
+pack's nodes (nothing of ours may appear, and it must still run) and one with Schedule Loader ->
+Apply -> KSampler (CFG 2, so two CFG streams). The test checks the Loader's preview strip before
+anything runs (also read back from the canvas pixels), the panel's counts per stream against the
+schedule and the server's own statistics, the time per step, the speedups and the mode, the strip
+on the Apply node, and that the page logged no errors. Screenshots go to docs/panel.png and to
+the test's temporary folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import comfy_env
+from procache_core import StepKind, parse_pattern, uniform
+from procache_core.schedule import Schedule, inject_selective
+
+ROOT = comfy_env.PACK_ROOT
+WEB_TESTS = os.path.join(ROOT, "tests", "web")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+NODE = shutil.which("node")
+PATTERN = "[1,0,2,0]x3"          # 12 steps: 3 full, 3 selective, 6 reused
+STEPS = 12
+
+
+def _why_skip() -> str | None:
+    if comfy_env.comfy_path() is None:
+        return "no ComfyUI: set COMFYUI_PATH"
+    if not os.path.isfile(CHROMIUM):
+        return "no chromium: apt-get install -y chromium"
+    if NODE is None:
+        return "no node: apt-get install -y nodejs npm"
+    if not os.path.isdir(os.path.join(WEB_TESTS, "node_modules", "playwright-core")):
+        return "no playwright-core: run `npm ci` in tests/web"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=_why_skip() or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A ComfyUI server on a free port, with the pack and the test nodes in its custom_nodes."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    # a returning user: no first-run template browser over the canvas
+    (base / "user" / "default").mkdir(parents=True)
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    os.symlink(ROOT, base / "custom_nodes" / "procache")
+    os.symlink(os.path.join(ROOT, "tests", "testing_nodes"), base / "custom_nodes" / "procache_testing_nodes")
+    port = _free_port()
+    log_path = base / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
+             "--database-url", "sqlite:///:memory:"],
+            cwd=comfy_env.comfy_path(), stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})      # tiny tensors: threads only add overhead
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                info = _get(url + "/object_info/ProCacheApply")
+                if "ProCacheApply" in info:
+                    break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                pytest.fail("ComfyUI did not start:\n" + log_path.read_text()[-4000:])
+            time.sleep(0.5)
+        yield url, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _graphs() -> tuple[dict, dict]:
+    """(without the pack, with the pack), in ComfyUI's API format."""
+    plain = {
+        "1": {"class_type": "ProCacheTestTinyPixArt", "inputs": {"seed": 0}},
+        "2": {"class_type": "ProCacheTestTinyConditioning", "inputs": {"seed": 1}},
+        "3": {"class_type": "ProCacheTestTinyConditioning", "inputs": {"seed": 2}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 384, "height": 384, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": 7, "steps": STEPS, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "6": {"class_type": "ProCacheTestLatentSink", "inputs": {"samples": ["5", 0]}},
+    }
+    cached = json.loads(json.dumps(plain))
+    cached["7"] = {"class_type": "ProCacheScheduleLoader", "inputs": {
+        "source": "typed pattern", "pattern": PATTERN, "interval": 3, "steps": 0, "selective": False}}
+    cached["8"] = {"class_type": "ProCacheApply", "inputs": {
+        "model": ["1", 0], "schedule": ["7", 0], "start_percent": 0.0, "end_percent": 1.0,
+        "force_last_full": False, "cache_on_cpu": False}}
+    cached["5"]["inputs"]["model"] = ["8", 0]
+    return plain, cached
+
+
+def _letters(schedule: Schedule) -> str:
+    return "".join({StepKind.FULL: "F", StepKind.SELECTIVE: "S", StepKind.REUSE: "R"}[k] for k in schedule.kinds)
+
+
+def _preview_cases(library: dict[str, str]) -> list[tuple[dict, str]]:
+    """Loader widget settings and the schedule procache_core builds for them (as F/S/R)."""
+    name = sorted(library)[0]
+    from_library = Schedule(kinds=tuple(int(c) for c in library[name]), name=name)
+    cases = [
+        ({"source": "uniform interval", "interval": 3, "steps": 10, "selective": False}, uniform(10, 3)),
+        ({"source": "uniform interval", "interval": 4, "steps": 13, "selective": True},
+         Schedule(kinds=tuple(inject_selective(uniform(13, 4).kinds)), name="u")),
+        ({"source": "typed pattern", "pattern": "1,0,0,2,0", "steps": 0, "selective": False},
+         parse_pattern("1,0,0,2,0")),
+        ({"source": name, "steps": 0, "selective": False}, from_library),
+        ({"source": name, "steps": 30, "selective": False}, from_library.resampled(30)),
+        ({"source": name, "steps": 7, "selective": True},
+         from_library.with_kinds(inject_selective(from_library.kinds)).resampled(7)
+         if StepKind.SELECTIVE not in from_library.kinds else from_library.resampled(7)),
+    ]
+    out = []
+    for values, schedule in cases:
+        values = {"pattern": "", "interval": 3, **values}
+        out.append((values, _letters(schedule)))
+    return out
+
+
+def test_panel_in_a_real_browser(server, tmp_path):
+    url, server_log = server
+    library = _get(url + "/procache/schedules")
+    cases = _preview_cases(library)
+    plain, cached = _graphs()
+    report_path = tmp_path / "report.json"
+    screenshot = tmp_path / "panel.png"
+    docs_png = os.path.join(ROOT, "docs", "panel.png")
+    spec = {"url": url, "chromium": CHROMIUM, "user_data_dir": str(tmp_path / "chromium-profile"),
+            "screenshots": [str(screenshot), docs_png], "plain_prompt": plain, "cached_prompt": cached,
+            "preview_cases": [values for values, _ in cases], "report": str(report_path),
+            "failure_screenshot": str(tmp_path / "failure.png")}
+    (tmp_path / "input.json").write_text(json.dumps(spec))
+    done = subprocess.run([NODE, os.path.join(WEB_TESTS, "panel_test.mjs"), str(tmp_path / "input.json")],
+                          cwd=WEB_TESTS, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_path.read_text())
+    assert "script_error" not in report, report["script_error"] + "\nsteps: " + str(report["steps"])
+
+    # the page logged nothing wrong; requests the frontend makes for optional user files (user.css,
+    # saved workflows, templates) and to the internet (release notes) may fail, ours may not
+    assert report["page_errors"] == []
+    ours = [r for r in report["failed_requests"] if "procache" in r["url"].lower()]
+    assert ours == []
+    errors = [c for c in report["console"] if c["type"] == "error"
+              and not (c["text"].startswith("Failed to load resource") and "procache" not in c["url"].lower())]
+    assert errors == [], errors
+    assert not [c for c in report["console"] if "procache" in (c["text"] + c["url"]).lower()]
+
+    # a graph without the pack's nodes: nothing of ours, and it ran
+    assert report["default_graph"]["nodes"] > 0 and report["default_graph"]["strips"] == 0
+    assert report["default_graph"]["panel_elements"] == 0
+    assert report["plain_result"]["ok"], report["plain_result"]
+    assert report["plain_graph"] == {"strips": 0, "events": 0, "panel_elements": 0}
+
+    # the Loader's preview before anything ran: the typed pattern, as text and as pixels
+    expected = _letters(parse_pattern(PATTERN))
+    preview = {w["node"]: w["value"] for w in report["preview"]["widgets"]}
+    assert preview["ProCacheScheduleLoader"] == expected == "FRSR" * 3
+    assert preview["ProCacheApply"] == ""                     # no run yet
+    assert report["preview"]["pixels"]["letters"] == expected
+    for (values, want), got in zip(cases, report["preview_cases"]):
+        assert got == want, values
+    assert "No ProCache run yet" in report["panel_before"]
+
+    # the run: the panel against the schedule and the server's statistics
+    assert report["cached_result"]["ok"], report["cached_result"]
+    latest = _get(url + "/procache/last_run")["latest"]
+    schedule = parse_pattern(PATTERN)
+    counts = {"full": schedule.count(StepKind.FULL), "selective": schedule.count(StepKind.SELECTIVE),
+              "reused": schedule.count(StepKind.REUSE)}
+    assert counts == {"full": 3, "selective": 3, "reused": 6}
+    assert len(report["panel"]) == 1
+    run = report["panel"][0]
+    assert run["mode"] == latest["mode"] == "branch:pixart"
+    assert "branch-level (pixart)" in run["text"]
+    assert [s["name"] for s in run["streams"]] == list(latest["actual"]) == ["stream 0", "stream 1"]  # CFG
+    for stream in run["streams"]:
+        assert {k: stream[k] for k in counts} == counts, stream
+        assert stream["cells"] == latest["actual"][stream["name"]] == expected
+    seconds = [float(s) for s in run["seconds"]]
+    assert len(seconds) == STEPS and all(s > 0 for s in seconds)
+    assert seconds == pytest.approx(latest["seconds_per_step"], abs=1e-6)
+    assert float(run["theoretical"]) == pytest.approx(schedule.theoretical_speedup())
+    full = [s for s, k in zip(seconds, expected) if k == "F"]
+    assert float(run["measured"]) == pytest.approx(sum(full) / len(full) * STEPS / sum(seconds), rel=1e-3)
+    assert "× measured" in run["text"] and "× theoretical" in run["text"]
+    # live events: one per step, then the summary
+    assert [e["step"] for e in report["events"] if e["type"] == "procache.step"] == list(range(STEPS))
+    assert [e["type"] for e in report["events"]][-1] == "procache.run"
+
+    # the Apply node's strip shows the run it fed
+    apply = {w["node"]: w["value"] for w in report["apply_strip"]["widgets"]}
+    assert apply["ProCacheApply"] == expected
+    assert report["apply_strip"]["pixels"]["letters"] == expected
+
+    assert screenshot.stat().st_size > 10000 and os.path.getsize(docs_png) > 10000
+    assert "Traceback" not in server_log.read_text().split("Starting server")[-1]

@@ -1,0 +1,170 @@
+// Drives the ComfyUI page in headless Chromium for tests/test_web_panel.py and reports what the page
+// shows as JSON (the Python test makes the assertions). Input: a JSON file named by argv[2] with
+// url, chromium, user_data_dir, screenshots, plain_prompt, cached_prompt, preview_cases.
+import { readFileSync, writeFileSync } from "node:fs";
+import { chromium } from "playwright-core";
+
+const input = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const report = { console: [], page_errors: [], failed_requests: [], steps: [] };
+const started = Date.now();
+const note = (what) => report.steps.push(`${what} at ${((Date.now() - started) / 1000).toFixed(1)} s`);
+let page = null;
+
+const browser = await chromium.launchPersistentContext(input.user_data_dir, {
+  executablePath: input.chromium,
+  headless: true,
+  viewport: { width: 1400, height: 820 },
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+try {
+  page = browser.pages()[0] || (await browser.newPage());
+  page.on("console", (m) => {
+    if (m.type() === "error" || m.type() === "warning") {
+      report.console.push({ type: m.type(), text: m.text(), url: m.location()?.url || "" });
+    }
+  });
+  page.on("pageerror", (e) => report.page_errors.push(`${e.message}\n${e.stack || ""}`));
+  page.on("requestfailed", (r) => report.failed_requests.push({ url: r.url(), error: r.failure()?.errorText || "" }));
+  page.on("response", (r) => { if (r.status() >= 400) report.failed_requests.push({ url: r.url(), error: String(r.status()) }); });
+
+  await page.goto(input.url);
+  await page.waitForFunction(() => window.app?.graph && window.app?.extensionManager && window.app?.api, null, { timeout: 60000 });
+  await page.locator(".procache-tab-button").waitFor({ timeout: 30000 });
+  note("page loaded");
+
+  // Page-side helpers: an event log, a prompt runner, reading a strip's pixels off the canvas.
+  await page.evaluate(() => {
+    const app = window.app, api = app.api;
+    const log = (window.__procache = { events: [], done: [] });
+    for (const type of ["procache.step", "procache.run"]) {
+      api.addEventListener(type, (ev) => log.events.push({ type, detail: ev.detail }));
+    }
+    api.addEventListener("execution_success", (ev) => log.done.push({ ok: true, id: ev.detail?.prompt_id }));
+    api.addEventListener("execution_error", (ev) => log.done.push({ ok: false, id: ev.detail?.prompt_id, error: ev.detail }));
+    window.__procacheRun = async (prompt, name) => {
+      const before = log.done.length;
+      await app.loadApiJson(JSON.parse(JSON.stringify(prompt)), name);
+      await app.queuePrompt(0, 1);
+      const t0 = Date.now();
+      while (log.done.length === before && Date.now() - t0 < 60000) await new Promise((r) => setTimeout(r, 100));
+      return log.done[log.done.length - 1] || { ok: false, error: "no result within 60 s" };
+    };
+    window.__procacheWidgets = () => app.graph._nodes.flatMap((n) => (n.widgets || [])
+      .filter((w) => w.type === "procache_strip").map((w) => ({ node: n.type, name: w.name, value: w.value })));
+    // The kinds drawn in a node's strip widget, read back from the canvas pixels (F/S/R per cell).
+    window.__procacheStripPixels = (nodeType) => {
+      const node = app.graph._nodes.find((n) => n.type === nodeType);
+      const widget = node.widgets.find((w) => w.type === "procache_strip");
+      app.canvas.ds.scale = 1;
+      app.canvas.ds.offset = [200 - node.pos[0], 200 - node.pos[1]];
+      app.canvas.draw(true, true);
+      const y = widget.y ?? widget.last_y;
+      const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] + y + 7]);
+      const ratio = app.canvas.canvas.width / app.canvas.canvas.clientWidth;
+      const width = Math.round(node.size[0] * ratio);
+      const data = app.canvas.canvas.getContext("2d")
+        .getImageData(Math.round(cx * ratio), Math.round(cy * ratio), width, 1).data;
+      const colors = { F: [0x3b, 0x82, 0xf6], S: [0xf5, 0x9e, 0x0b], R: [0x6b, 0x72, 0x80] };
+      let letters = "", current = null, length = 0;
+      const close = () => { if (current && length >= 2) letters += current; current = null; length = 0; };
+      for (let x = 0; x < width; x++) {
+        const p = [data[4 * x], data[4 * x + 1], data[4 * x + 2]];
+        const kind = Object.keys(colors).find((k) => colors[k].every((c, i) => Math.abs(c - p[i]) <= 24)) || null;
+        if (kind !== current) close();
+        if (kind) { current = kind; length += 1; }
+      }
+      close();
+      return { letters, y };
+    };
+  });
+
+  // 1. The default graph: nothing of ours on it.
+  report.default_graph = await page.evaluate(() => ({
+    nodes: window.app.graph._nodes.length,
+    strips: window.__procacheWidgets().length,
+    panel_elements: document.querySelectorAll(".procache-panel").length,
+  }));
+
+  // 2. A graph without the pack's nodes runs, and nothing of ours appears.
+  report.plain_result = await page.evaluate((p) => window.__procacheRun(p, "plain.json"), input.plain_prompt);
+  report.plain_graph = await page.evaluate(() => ({
+    strips: window.__procacheWidgets().length, events: window.__procache.events.length,
+    panel_elements: document.querySelectorAll(".procache-panel").length,
+  }));
+  note("plain graph ran");
+
+  // 3. The pack's graph, loaded but not run: the Loader's preview strip.
+  await page.evaluate((p) => window.app.loadApiJson(JSON.parse(JSON.stringify(p)), "procache.json"), input.cached_prompt);
+  await page.waitForTimeout(300);
+  // (the strip widget's value is what it drew last; reading the pixels draws the node on screen)
+  report.preview = await page.evaluate(() => {
+    const pixels = window.__procacheStripPixels("ProCacheScheduleLoader");
+    return { pixels, widgets: window.__procacheWidgets() };
+  });
+  // the preview for other widget settings (compared with procache_core by the test)
+  report.preview_cases = await page.evaluate(async (cases) => {
+    const app = window.app;
+    const node = app.graph._nodes.find((n) => n.type === "ProCacheScheduleLoader");
+    const saved = node.widgets.map((w) => w.value);
+    const out = [];
+    for (const values of cases) {
+      for (const w of node.widgets) if (w.name in values) w.value = values[w.name];
+      for (let i = 0; i < 50; i++) {          // a library pattern may still be on its way
+        app.canvas.draw(true, true);
+        const w = node.widgets.find((x) => x.type === "procache_strip");
+        if (w.value) break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      out.push(node.widgets.find((x) => x.type === "procache_strip").value);
+    }
+    node.widgets.forEach((w, i) => { w.value = saved[i]; });
+    app.canvas.draw(true, true);
+    return out;
+  }, input.preview_cases);
+
+  // 4. The sidebar tab before the run, then the run.
+  await page.locator(".procache-tab-button").click();
+  await page.locator(".procache-panel").waitFor({ timeout: 10000 });
+  report.panel_before = await page.locator(".procache-panel").innerText();
+  report.cached_result = await page.evaluate((p) => window.__procacheRun(p, "procache.json"), input.cached_prompt);
+  await page.locator(".procache-run:not([data-live='1'])").first().waitFor({ timeout: 10000 });
+  note("procache graph ran");
+
+  report.panel = await page.evaluate(() => [...document.querySelectorAll(".procache-run")].map((run) => ({
+    mode: run.dataset.mode,
+    text: run.innerText,
+    streams: [...run.querySelectorAll(".procache-stream")].map((s) => ({
+      name: s.dataset.stream, full: +s.dataset.full, selective: +s.dataset.selective, reused: +s.dataset.reused,
+      cells: [...s.nextElementSibling.querySelectorAll(".procache-cell")].map((c) => c.dataset.kind).join(""),
+    })),
+    seconds: [...run.querySelectorAll(".procache-time")].map((b) => b.dataset.seconds),
+    measured: run.querySelector(".procache-speed").dataset.measured,
+    theoretical: run.querySelector(".procache-speed").dataset.theoretical,
+  })));
+  report.events = await page.evaluate(() => window.__procache.events.map((e) => ({ type: e.type, step: e.detail.step })));
+  report.apply_strip = await page.evaluate(() => {
+    const pixels = window.__procacheStripPixels("ProCacheApply");
+    return { pixels, widgets: window.__procacheWidgets() };
+  });
+
+  // 5. The screenshot: the graph with its strips and the panel open.
+  await page.evaluate(() => {
+    const app = window.app;
+    const nodes = app.graph._nodes;
+    const xs = nodes.map((n) => n.pos[0]), ys = nodes.map((n) => n.pos[1]);
+    app.canvas.ds.scale = 0.8;
+    app.canvas.ds.offset = [460 / 0.8 - Math.min(...xs), 80 / 0.8 - Math.min(...ys)];
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+  });
+  await page.waitForTimeout(300);
+  for (const path of input.screenshots) await page.screenshot({ path });
+  note("screenshots saved");
+} catch (e) {
+  report.script_error = `${e.message}\n${e.stack || ""}`;
+  if (page && input.failure_screenshot) await page.screenshot({ path: input.failure_screenshot }).catch(() => {});
+} finally {
+  await browser.close();
+}
+writeFileSync(input.report, JSON.stringify(report, null, 1));
