@@ -1,6 +1,7 @@
 """ProCache next to the rest of a user's graph, inside a real ComfyUI (tiny Flux, random weights):
 LoRA patches (before and after Apply), TorchCompileModel's wrapper (before and after Apply), a
-second sampler continuing the first, and ComfyUI's EasyCache / LazyCache on the same model."""
+second sampler continuing the first, ComfyUI's EasyCache / LazyCache on the same model, and
+bf16 / fp16 / fp8 (manual cast) weights."""
 import logging
 
 import pytest
@@ -174,3 +175,31 @@ def test_other_cache_after_apply_is_reported_at_sampling(pack, other, caplog):
     assert torch.isfinite(out).all()
     assert any(other in note and "also applied" in note for note in LAST_RUNS.latest()["notes"])
     assert any(other in r.getMessage() for r in caplog.records)
+
+
+# ---- weight dtypes ---------------------------------------------------------------------------------
+def _flux_in(weight_dtype, compute_dtype):
+    """Tiny Flux with weights stored in `weight_dtype`; compute_dtype set means ComfyUI's manual cast
+    (as for fp8 checkpoints: weights are cast to the compute dtype op by op)."""
+    import comfy.model_patcher
+    cls, unet_config = comfy_env.tiny_config("flux")
+    cfg = cls(unet_config)
+    cfg.set_inference_dtype(weight_dtype, compute_dtype)
+    model = cfg.get_model({}, "", device=torch.device("cpu"))
+    comfy_env._fill(model, 0)      # fills in float32, stored in the weight dtype
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("weight_dtype,compute_dtype", [
+    (torch.bfloat16, None), (torch.float16, None), (torch.float8_e4m3fn, torch.float32)],
+    ids=["bf16", "fp16", "fp8-manual-cast"])
+def test_low_precision_weights(pack, weight_dtype, compute_dtype):
+    from procache_comfyui.nodes.runtime import LAST_RUNS
+    mp = _flux_in(weight_dtype, compute_dtype)
+    assert next(mp.model.diffusion_model.parameters()).dtype == weight_dtype
+    plain = comfy_env.sample(mp, "flux", steps=4)
+    assert torch.equal(comfy_env.sample(_attach(mp, FULL), "flux", steps=4), plain)
+    cached = comfy_env.sample(_attach(mp, (1, 0, 2, 0)), "flux", steps=4)
+    run = LAST_RUNS.latest()
+    assert run["mode"] == "branch:flux" and run["counts"] == {"full": 1, "selective": 1, "reuse": 2}
+    assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
