@@ -115,11 +115,11 @@ def test_torch_compile_before_and_after_apply(pack):
 
 
 # ---- a second sampler continuing the first -------------------------------------------------------
-def _two_samplers(patcher, split=2, steps=4, seed=0, second=None):
+def _two_samplers(patcher, split=2, steps=4, seed=0, second=None, family="flux"):
     """KSamplerAdvanced x 2: the first adds noise and stops at `split` with noise left, the second
     (the same model unless `second` is given) continues from its latent without adding noise."""
     import comfy.sample
-    latent, pos, neg = comfy_env.latent_and_conds("flux", seed=seed)
+    latent, pos, neg = comfy_env.latent_and_conds(family, seed=seed)
     noise = comfy.sample.prepare_noise(latent, seed)
     first = comfy.sample.sample(patcher, noise, steps, 2.0, "euler", "simple", pos, neg, latent,
                                 start_step=0, last_step=split, force_full_denoise=False, seed=seed, disable_pbar=True)
@@ -140,6 +140,21 @@ def test_second_sampler_continues_the_schedule(pack):
     sliced = _two_samplers(_attach(mp, (1, 0, 0, 0, 1, 0)), split=3, steps=6, second=_attach(mp, (1, 1, 0)))
     assert torch.equal(out, sliced)
     assert not torch.equal(out, _two_samplers(mp, split=3, steps=6))
+
+
+def test_wan22_high_and_low_noise_models_share_one_schedule(pack):
+    """Wan 2.2 A14B: a high-noise model samples the first steps, a low-noise model the rest; each
+    has its own Apply with the same schedule, and each run takes its own part of it."""
+    from procache_comfyui.nodes.runtime import LAST_RUNS
+    high, low = comfy_env.make_patcher("wan", seed=0), comfy_env.make_patcher("wan", seed=1)
+    schedule = (1, 0, 0, 0, 1, 0)
+    out = _two_samplers(_attach(high, schedule), split=3, steps=6, second=_attach(low, schedule), family="wan")
+    first, second = LAST_RUNS.all()[-2:]
+    assert (first["planned"], second["planned"]) == ("100", "110")
+    assert first["mode"] == second["mode"] == "branch:wan"
+    assert any("steps 3..5" in note for note in second["notes"])
+    assert torch.equal(out, _two_samplers(_attach(high, (1, 0, 0)), split=3, steps=6,
+                                          second=_attach(low, (1, 1, 0)), family="wan"))
 
 
 # ---- EasyCache / LazyCache -------------------------------------------------------------------------
