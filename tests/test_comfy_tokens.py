@@ -13,6 +13,7 @@ pytestmark = pytest.mark.skipif(comfy_env.comfy_path() is None, reason="no Comfy
 
 FAMILIES = ("pixart", "flux", "wan")
 PICKS: list = []
+MEASURED: list = []         # per pick: whether the block had an attention score from its probe
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def pack():
         def select(self, ctx):
             idx = super().select(ctx)
             PICKS.append((ctx.block, ctx.role, ctx.tokens.shape[1], idx.clone()))
+            MEASURED.append(ctx.importance is not None)
             return idx
     return runtime, Recording
 
@@ -52,6 +54,7 @@ def _run(pack, mp, family, **selector):
     from procache_comfyui.procache_core import Schedule
     runtime, recording = pack
     PICKS.clear()
+    MEASURED.clear()
     config = runtime.ApplyConfig(schedule=Schedule(kinds=(1, 2)), deep_fraction=1.0,
                                  selector=recording(**{"ratio": 0.25, "staleness_weight": 0, "attention_queries": 4096,
                                                        **selector}))
@@ -279,3 +282,36 @@ def test_attention_received_from_sampled_queries(pack, family):
         expected = _expected(family, mp, reader.seen, "attention_received", block, role, n, rows)
         for row in range(2):
             _assert_top_k(idx[row], expected[row], (block, role, row))
+
+
+@pytest.mark.parametrize("name", ["hunyuan_video", "chroma", "flux2", "sd3"])
+@pytest.mark.parametrize("score", ["attention_received", "cross_entropy"])
+def test_other_models_measure_the_score_or_fall_back_with_a_message(pack, name, score, caplog):
+    """Flux-block models (HunyuanVideo with text after the image, Chroma, Flux 2) measure both
+    scores in every deep block; a family without probes (SD3) ranks by output_norm and says so."""
+    import logging
+
+    import comfy_families
+    from procache_comfyui.procache_core import Schedule, tokens
+    from procache_comfyui.procache_core.families import FAMILIES as SPECS
+    if not comfy_families.available(name):
+        pytest.skip(f"{name} is not in ComfyUI {comfy_env.load_comfy()}")
+    family = comfy_families.FAMILIES[name]
+    runtime, recording = pack
+    tokens._fallbacks_logged.clear()
+    mp = comfy_families.make_patcher(name)
+    PICKS.clear()
+    MEASURED.clear()
+    config = runtime.ApplyConfig(schedule=Schedule(kinds=(1, 2)), deep_fraction=1.0,
+                                 selector=recording(ratio=0.25, staleness_weight=0, score=score))
+    with caplog.at_level(logging.INFO, logger="procache"):
+        comfy_families.sample(runtime.attach(mp, config), name, steps=2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "probe" in m and "failed" in m]
+    assert PICKS
+    if {f.name: f for f in SPECS}[family.adapter].provides(score):
+        assert all(MEASURED)
+        assert not [m for m in messages if "ranking their tokens by output_norm" in m]
+    else:
+        assert not any(MEASURED)
+        assert [m for m in messages if score in m and "output_norm" in m]

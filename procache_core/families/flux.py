@@ -13,6 +13,7 @@ sampled queries of the joint sequence; cross_entropy is the entropy of each toke
 over the text keys alone (for image tokens, the image-to-text part of the joint attention).
 """
 import torch
+from torch import nn
 
 from ..tokens import attention_received, gather_tokens, rotary, text_entropy
 from .base import BlockStack, Branch, FamilySpec
@@ -111,7 +112,8 @@ def _double_probe(score):
         text_last = bool(getattr(block, "flipped_img_txt", False))      # the joint order of this model
         if txt is not None:
             ctx.notes["text"] = (txt.shape[1], text_last)        # for the single blocks after the doubles
-        if not ctx.deep or txt is None:
+        norms = getattr(block.img_attn, "norm", None), getattr(block.txt_attn, "norm", None)
+        if not ctx.deep or txt is None or not all(isinstance(n, nn.Module) for n in norms):
             return []
         pe, seen = _arg(args, kwargs, "pe", 3), {}
 
@@ -129,13 +131,14 @@ def _double_probe(score):
             image = torch.ones(joint.shape[1], dtype=torch.bool, device=joint.device)
             image[text] = False
             ctx.store({"img_mlp": joint[:, image], "txt_mlp": joint[:, text]})
-        return [(block.img_attn.norm, on_img), (block.txt_attn.norm, on_txt)]
+        return [(norms[0], on_img), (norms[1], on_txt)]
     return probe
 
 
 def _single_probe(score):
     def probe(block, args, kwargs, ctx):
-        if not ctx.deep or (score == "cross_entropy" and "text" not in ctx.notes):
+        norm = getattr(block, "norm", None)      # the QK norm; its output is (q, k)
+        if not ctx.deep or not isinstance(norm, nn.Module) or (score == "cross_entropy" and "text" not in ctx.notes):
             return []
         pe = _arg(args, kwargs, "pe", 2)
 
@@ -143,7 +146,7 @@ def _single_probe(score):
             q, k = qk
             text = _text_slice(ctx.notes, q.shape[2]) if score == "cross_entropy" else None
             ctx.store({"fused": _joint_score(score, q, k, pe, text, ctx)})
-        return [(block.norm, hook)]
+        return [(norm, hook)]
     return probe
 
 
