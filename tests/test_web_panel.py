@@ -36,9 +36,35 @@ PATTERN = "[1,0,2,0]x3"          # 12 steps: 3 full, 3 selective, 6 reused
 STEPS = 12
 
 
+# The Python that runs the server: this one, or COMFYUI_PYTHON (e.g. a virtual environment that holds
+# an older ComfyUI's own requirements).
+SERVER_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+PINNED = ("comfyui-frontend-package", "comfyui-workflow-templates")    # the server needs these exact ones
+
+
+def _unmet_pins(root: str) -> list[str]:
+    """ComfyUI's `==` pins on its frontend packages that SERVER_PYTHON does not have."""
+    pins = {}
+    with open(os.path.join(root, "requirements.txt")) as f:
+        for line in f:
+            name, _, version = line.strip().partition("==")
+            if name in PINNED and version:
+                pins[name] = version
+    code = ("import importlib.metadata as m, json, sys\n"
+            "def v(p):\n try: return m.version(p)\n except Exception: return None\n"
+            "print(json.dumps({p: v(p) for p in sys.argv[1:]}))")
+    found = json.loads(subprocess.run([SERVER_PYTHON, "-c", code, *pins], capture_output=True, text=True,
+                                      check=True).stdout)
+    return [f"{name}=={want} (found {found[name]})" for name, want in pins.items() if found[name] != want]
+
+
 def _why_skip() -> str | None:
     if comfy_env.comfy_path() is None:
         return "no ComfyUI: set COMFYUI_PATH"
+    unmet = _unmet_pins(comfy_env.comfy_path())
+    if unmet:
+        return (f"the ComfyUI server at {comfy_env.comfy_path()} needs {', '.join(unmet)} in {SERVER_PYTHON}; "
+                "set COMFYUI_PYTHON to a Python that has its requirements")
     if not os.path.isfile(CHROMIUM):
         return "no chromium: apt-get install -y chromium"
     if NODE is None:
@@ -67,16 +93,20 @@ def server(tmp_path_factory):
     """A ComfyUI server on a free port, with the pack and the test nodes in its custom_nodes."""
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
-    # a returning user: no first-run template browser over the canvas
+    # A returning user: no first-run template browser over the canvas. The two canvas settings are
+    # what the default navigation mode sets; frontend 1.27 sets them while registering that mode,
+    # before they exist, and throws (its own error, on every page load) unless they are stored.
     (base / "user" / "default").mkdir(parents=True)
-    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({
+        "Comfy.TutorialCompleted": True, "Comfy.Canvas.LeftMouseClickBehavior": "panning",
+        "Comfy.Canvas.MouseWheelScroll": "zoom", "Comfy.Minimap.Visible": False}))
     os.symlink(ROOT, base / "custom_nodes" / "procache")
     os.symlink(os.path.join(ROOT, "tests", "testing_nodes"), base / "custom_nodes" / "procache_testing_nodes")
     port = _free_port()
     log_path = base / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+            [SERVER_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
              "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
              "--database-url", "sqlite:///:memory:"],
             cwd=comfy_env.comfy_path(), stdout=log, stderr=subprocess.STDOUT,
@@ -153,7 +183,7 @@ def _preview_cases(library: dict[str, str]) -> list[tuple[dict, str]]:
     return out
 
 
-def test_panel_in_a_real_browser(server, tmp_path):
+def test_comfy_panel_in_a_real_browser(server, tmp_path):
     url, server_log = server
     library = _get(url + "/procache/schedules")
     cases = _preview_cases(library)

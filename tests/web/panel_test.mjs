@@ -151,10 +151,15 @@ try {
   // 5. The screenshot: the graph with its strips and the panel open.
   await page.evaluate(() => {
     const app = window.app;
-    const nodes = app.graph._nodes;
-    const xs = nodes.map((n) => n.pos[0]), ys = nodes.map((n) => n.pos[1]);
+    const place = { ProCacheScheduleLoader: [0, 160], ProCacheTestTinyPixArt: [0, 0], ProCacheApply: [400, 0],
+                    EmptyLatentImage: [400, 300], KSampler: [780, 0], ProCacheTestLatentSink: [780, 330] };
+    let conditioning = 0;
+    for (const node of app.graph._nodes) {
+      if (node.type === "ProCacheTestTinyConditioning") node.pos = [0, 470 + 130 * conditioning++];
+      else if (place[node.type]) node.pos = [...place[node.type]];
+    }
     app.canvas.ds.scale = 0.8;
-    app.canvas.ds.offset = [460 / 0.8 - Math.min(...xs), 80 / 0.8 - Math.min(...ys)];
+    app.canvas.ds.offset = [400 / 0.8, 130 / 0.8];
     app.canvas.setDirty(true, true);
     app.canvas.draw(true, true);
   });
