@@ -173,6 +173,22 @@ def _hunyuan_video_inputs(batch, gen):
             _text(gen, 6, 32, pooled_output=pooled(), guidance=6.0))
 
 
+def _hunyuan_image_config(version):
+    import comfy.supported_models as sm
+    from comfy.ldm.hunyuan_video.model import HunyuanVideoParams
+    # HunyuanImage 2.1: the HunyuanVideo model on 2-D latents (64 channels, 1x1 patches, 2 rope axes)
+    return sm.HunyuanImage21, _known(HunyuanVideoParams, {
+        "image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "vec_in_dim": None,
+        "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+        "depth_single_blocks": 2, "axes_dim": [16, 16], "theta": 256, "patch_size": [1, 1], "qkv_bias": True,
+        "guidance_embed": False, "byt5": False, "meanflow": False, "use_cond_type_embedding": False,
+        "vision_in_dim": None, "meanflow_sum": False})
+
+
+def _hunyuan_image_inputs(batch, gen):
+    return torch.zeros(batch, 64, 8, 8), _text(gen, 6, 32), _text(gen, 6, 32)
+
+
 def _chroma_config(version):
     import comfy.supported_models as sm
     from comfy.ldm.chroma.model import ChromaParams
@@ -204,6 +220,7 @@ def _flux2_inputs(batch, gen):
 
 HUNYUAN_VIDEO = _flux_blocks("hunyuan_video", _hunyuan_video_config, _hunyuan_video_inputs)
 CHROMA = _flux_blocks("chroma", _chroma_config, _chroma_inputs)
+HUNYUAN_IMAGE = _flux_blocks("hunyuan_image_2.1", _hunyuan_image_config, _hunyuan_image_inputs)
 FLUX2 = _flux_blocks("flux2", _flux2_config, _flux2_inputs, new_only=True, weight_scale=0.2)
 
 # ---- HiDream ------------------------------------------------------------------------------------
@@ -384,7 +401,7 @@ MOCHI = Family(
     refreshed=lambda dm: [b.mlp_x.w1 for b in dm.blocks],
 )
 
-FAMILIES = {f.name: f for f in (SD3, QWEN, QWEN_EDIT, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, CHROMA, HIDREAM, LTXV, LTXV_I2V, AURAFLOW, COSMOS,
+FAMILIES = {f.name: f for f in (SD3, QWEN, QWEN_EDIT, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, HUNYUAN_IMAGE, CHROMA, HIDREAM, LTXV, LTXV_I2V, AURAFLOW, COSMOS,
                                 HUNYUAN_DIT, FLUX2, KANDINSKY5, MOCHI)}
 
 
