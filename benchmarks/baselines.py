@@ -10,7 +10,8 @@ here decide at run time, from what the model computes, whether to skip the block
     easycache    learn the stack's transformation rate k = |Δ output| / |Δ input| on computed
                  steps; on later steps accumulate the predicted relative output change
                  k·|Δ input| / |output| and reuse the stack's residual while it stays below the
-                 threshold; the first `warmup` share of steps always computes (EasyCache)
+                 threshold; the first `warmup` share of steps (15 %, as ComfyUI's EasyCache node
+                 starts) always computes (EasyCache)
 
 These are our own readings of the published rules, at block-stack level: the reused thing is the
 residual h_out - h_in of the block stack, the embedders and the final layer always run. Decisions
@@ -52,7 +53,7 @@ class DynamicCache(nn.Module):
     sampling run (it keeps the previous step's state).
     """
 
-    def __init__(self, model: DiT, rule: str, threshold: float, warmup: float = 0.1, steps: int | None = None):
+    def __init__(self, model: DiT, rule: str, threshold: float, warmup: float = 0.15, steps: int | None = None):
         super().__init__()
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -69,6 +70,7 @@ class DynamicCache(nn.Module):
         self._accumulated = 0.0
         self._rate = None           # easycache: transformation rate
         self._last_in = self._last_out = None
+        self._computed = None       # easycache: (input, output) of the last computed step
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m, cfg = self.model, self.cfg
@@ -136,10 +138,12 @@ class DynamicCache(nn.Module):
             self._last_in = h
             if self._accumulated < self.threshold:
                 return h + self._residual
-        previous_in, previous_out = self._last_in, self._last_out
         out = self._run(h, c, blocks, cost)
-        if previous_in is not None and previous_in.shape == h.shape:
-            self._rate = float((out - previous_out).norm() / ((h - previous_in).norm() + 1e-12))
+        # the rate compares this computed step with the last computed one (inputs and outputs alike)
+        if self._computed is not None and self._computed[0].shape == h.shape:
+            before_in, before_out = self._computed
+            self._rate = float((out - before_out).norm() / ((h - before_in).norm() + 1e-12))
+        self._computed = (h, out)
         self._accumulated = 0.0
         self._last_in, self._last_out = h, out
         self._residual = out - h
