@@ -45,7 +45,8 @@ PINNED = ("comfyui-frontend-package", "comfyui-workflow-templates")    # the ser
 def _unmet_pins(root: str) -> list[str]:
     """ComfyUI's `==` pins on its frontend packages that SERVER_PYTHON does not have."""
     pins = {}
-    with open(os.path.join(root, "requirements.txt")) as f:
+    path = os.path.join(root, "requirements.txt")
+    with open(path) if os.path.isfile(path) else open(os.devnull) as f:
         for line in f:
             name, _, version = line.strip().partition("==")
             if name in PINNED and version:
@@ -74,7 +75,8 @@ def _why_skip() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=_why_skip() or "")
+SKIP_REASON = _why_skip()
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
 
 def _free_port() -> int:
