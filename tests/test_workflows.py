@@ -280,6 +280,8 @@ def test_comfy_every_workflow_has_both_formats_and_one_template():
     # ComfyUI lists a pack's example_workflows/*.json and workflows/*.json alike as templates:
     # UI files in both places would show every template twice in the browser
     assert glob.glob(os.path.join(ROOT, "workflows", "*.json")) == []
+    for path in UI_FILES:                   # the template browser's card picture, same name
+        assert os.path.isfile(path[:-len(".json")] + ".jpg"), path
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: os.path.relpath(p, ROOT))

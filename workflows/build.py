@@ -470,9 +470,46 @@ def main() -> None:
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=1, ensure_ascii=False)
                 f.write("\n")
+        write_thumbnail(os.path.join(ui_dir, f"{stem}.jpg"), g)
         print("wrote", stem)
     write_node_reference()
 
+
+
+def write_thumbnail(path: str, g: Graph) -> None:
+    """The template browser's card: the workflow's title and its schedule as a strip of steps."""
+    from PIL import Image, ImageDraw, ImageFont
+    loader = next(n for n in g.nodes if n["type"] == "ProCacheScheduleLoader")
+    schedule = parse_pattern(loader["inputs"]["pattern"])
+    apply = next(n for n in g.nodes if n["type"] == "ProCacheApply")["inputs"]
+    schedule = schedule.windowed(apply["start_percent"], apply["end_percent"], apply["force_last_full"])
+    size, colors = 512, {1: (86, 180, 233), 2: (230, 159, 0), 0: (70, 76, 92)}
+    img = Image.new("RGB", (size, size), (24, 26, 33))
+    draw = ImageDraw.Draw(img)
+
+    def font(points: int, bold: bool = False):
+        try:
+            return ImageFont.truetype(f"DejaVuSans{'-Bold' if bold else ''}.ttf", points)
+        except OSError:
+            return ImageFont.load_default()
+
+    title = g.title.replace(" with ProCache", "")
+    words, lines = title.split(), [""]
+    for word in words:                      # wrap the title to the card
+        if draw.textlength(f"{lines[-1]} {word}", font=font(34, True)) > size - 60:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}".strip()
+    for i, line in enumerate(lines):
+        draw.text((30, 40 + 44 * i), line, font=font(34, True), fill=(230, 230, 235))
+    cell = (size - 60) / schedule.steps
+    for i, kind in enumerate(schedule.kinds):
+        draw.rounded_rectangle([30 + i * cell + 1, 300, 30 + (i + 1) * cell - 1, 400], radius=3, fill=colors[int(kind)])
+    counts = (schedule.count(1), schedule.count(2), schedule.count(0))
+    draw.text((30, 420), f"{schedule.steps} steps: {counts[0]} full, {counts[1]} selective, {counts[2]} reuse",
+              font=font(20), fill=(150, 155, 170))
+    draw.text((30, 455), "ProCache", font=font(22, True), fill=(86, 180, 233))
+    img.save(path, quality=90)
 
 
 def node_reference(infos: dict) -> str:
