@@ -113,14 +113,14 @@ def free_port() -> int:
 class Server:
     """A headless ComfyUI process on the CPU, its log in the base directory."""
 
-    def __init__(self, comfyui: str, base: str, name: str):
+    def __init__(self, comfyui: str, base: str, name: str, python: str = sys.executable):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(base, f"server-{name}.log")
         self.log = open(self.log_path, "w")
         self.ready_at = 0
         self.process = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--base-directory", base, "--listen", "127.0.0.1",
+            [python, "main.py", "--cpu", "--base-directory", base, "--listen", "127.0.0.1",
              "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes", "--disable-metadata"],
             cwd=comfyui, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -291,7 +291,7 @@ async def soak(args) -> int:
     servers = []
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            server = Server(args.comfyui, base, "soak")
+            server = Server(args.comfyui, base, "soak", args.python)
             servers.append(server)
             await server.wait_ready(session)
             print(f"soak server up (pid {server.process.pid}); queuing {len(items)} prompts")
@@ -302,7 +302,7 @@ async def soak(args) -> int:
             server.stop()
 
             finished = [s for s in items if soaked[s["index"]]["status"] == "execution_success"]
-            reference_server = Server(args.comfyui, base, "fresh")
+            reference_server = Server(args.comfyui, base, "fresh", args.python)
             servers.append(reference_server)
             await reference_server.wait_ready(session)
             print(f"fresh server up; re-running {len(finished)} finished prompts one at a time, in reverse order")
@@ -365,6 +365,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="a ComfyUI checkout")
     parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--python", default=os.environ.get("COMFYUI_PYTHON") or sys.executable,
+                        help="the Python that runs the server (one with that ComfyUI's requirements)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary base directory (logs, latents)")
     parser.add_argument("--write-models", help=argparse.SUPPRESS)
     args = parser.parse_args()
