@@ -9,9 +9,11 @@ authors' script it is seeded, so the same seed always gives the same candidates.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+import time
 
-from .schedule import ScheduleError, pattern_from_segments
+from .schedule import ScheduleError, inject_selective, pattern_from_segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +53,19 @@ class SearchConstraints:
         """Turn a target speedup into a budget: B = round(T / speedup), at least 1."""
         if speedup < 1.0:
             raise ScheduleError(f"the target speedup must be at least 1.0, got {speedup}")
-        return cls(steps, max(1, round(steps / speedup)), min_interval, max_interval)
+        budget = max(1, round(steps / speedup))
+        try:
+            return cls(steps, budget, min_interval, max_interval)
+        except ScheduleError as e:
+            raise ScheduleError(f"target speedup {speedup:g}x at {steps} steps means {budget} full steps: {e}") from None
 
 
 def draw_candidates(constraints: SearchConstraints, count: int, seed: int = 0,
                     max_attempts: int = 1_000_000) -> list[list[int]]:
     """Up to `count` distinct 0/1 patterns satisfying the constraints, in the order first drawn."""
     c = constraints
+    if count >= count_partitions(c, limit=count + 1):
+        return all_partitions(c)          # the whole space is asked for: list it, do not hunt for it
     lo, hi = c.min_interval + 1, c.max_interval + 1        # allowed segment lengths
     slack = c.steps - c.full_steps * lo
     rng = random.Random(seed)
@@ -72,6 +80,26 @@ def draw_candidates(constraints: SearchConstraints, count: int, seed: int = 0,
             continue
         seen.setdefault(tuple(sorted(segments, reverse=True)), None)
     return [pattern_from_segments(segments) for segments in seen]
+
+
+def all_partitions(constraints: SearchConstraints) -> list[list[int]]:
+    """Every pattern the constraints allow, longest first segments first (use on small spaces)."""
+    c = constraints
+    lo, hi = c.min_interval + 1, c.max_interval + 1
+    out: list[list[int]] = []
+
+    def walk(left: int, parts: int, largest: int, prefix: list[int]):
+        if parts == 0:
+            if left == 0:
+                out.append(pattern_from_segments(prefix))
+            return
+        for part in range(min(largest, left - lo * (parts - 1)), lo - 1, -1):
+            if part * parts < left:
+                break                      # the remaining parts cannot reach the total any more
+            walk(left - part, parts - 1, part, prefix + [part])
+
+    walk(c.steps, c.full_steps, hi, [])
+    return out
 
 
 def count_partitions(constraints: SearchConstraints, limit: int = 10_000_000) -> int:
@@ -93,3 +121,144 @@ def count_partitions(constraints: SearchConstraints, limit: int = 10_000_000) ->
         return total
 
     return ways(c.steps, c.full_steps, hi)
+
+
+# ---- patterns built by rule ------------------------------------------------------------------
+def even_pattern(constraints: SearchConstraints) -> list[int]:
+    """Uniform intervals at the budget: B segments whose lengths differ by at most one, longer first
+    (FORA's every-N-steps when B divides T evenly). Always satisfies feasible constraints."""
+    c = constraints
+    base, extra = divmod(c.steps, c.full_steps)
+    return pattern_from_segments([base + 1] * extra + [base] * (c.full_steps - extra))
+
+
+def generic_pattern(steps: int, speedup: float, spread: float = 0.35) -> list[int]:
+    """A model-agnostic pattern for a step count and speedup, by the constraint rule.
+
+    B = round(T / speedup) full steps; segment lengths fall linearly from (1 + spread) to
+    (1 - spread) times the mean segment, rounded by largest remainder and kept non-increasing:
+    long reuse intervals early, where features change slowly, short ones late.
+    """
+    budget = SearchConstraints.for_speedup(steps, speedup, 0, steps).full_steps
+    mean = steps / budget
+    if budget == 1:
+        exact = [float(steps)]
+    else:
+        exact = [mean * (1 + spread - 2 * spread * i / (budget - 1)) for i in range(budget)]
+    lengths = [max(1, math.floor(e)) for e in exact]
+    while sum(lengths) > steps:
+        lengths[max(range(budget), key=lambda i: (lengths[i], i))] -= 1
+    order = sorted(range(budget), key=lambda i: (math.floor(exact[i]) - exact[i], i))
+    for i in range(steps - sum(lengths)):
+        lengths[order[i % budget]] += 1
+    return pattern_from_segments(sorted(lengths, reverse=True))
+
+
+# ---- the search --------------------------------------------------------------------------------
+def output_error(outputs, reference) -> float:
+    """Relative MSE of final outputs against the full-compute outputs, averaged over seeds:
+    sum (out - ref)^2 / sum ref^2 per seed. `outputs`/`reference` are tensors or lists of them."""
+    import torch
+    outs = list(outputs) if isinstance(outputs, (list, tuple)) else list(outputs.unbind(0))
+    refs = list(reference) if isinstance(reference, (list, tuple)) else list(reference.unbind(0))
+    if len(outs) != len(refs):
+        raise ValueError(f"{len(outs)} outputs for {len(refs)} reference outputs")
+    errors = []
+    for out, ref in zip(outs, refs):
+        out, ref = out.detach().double(), ref.detach().double()
+        errors.append(float((out - ref).square().sum() / ref.square().sum().clamp(min=1e-30)))
+    return sum(errors) / len(errors)
+
+
+@dataclasses.dataclass
+class Candidate:
+    pattern: tuple[int, ...]
+    origin: str = "drawn"            # "drawn", "uniform" (even intervals) or "winner+selective"
+    predicted: float | None = None   # pre-rank score (lower is better), when a profile was used
+    error: float | None = None       # measured: relative MSE of the final outputs vs full compute
+    seconds: float | None = None     # wall time of its runs
+
+    @property
+    def full_steps(self) -> int:
+        return sum(1 for k in self.pattern if k == 1)
+
+    @property
+    def text(self) -> str:
+        return "".join(str(k) for k in self.pattern)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    constraints: SearchConstraints
+    best: Candidate                  # the winner as run (0/1 pattern)
+    final: Candidate                 # what to use: the winner, or its injected version
+    candidates: list[Candidate]      # every candidate that was run, in run order
+    pool: list[Candidate]            # every candidate that was pre-ranked (empty without a profile)
+    uniform: Candidate | None        # the even-interval comparator, when it was run
+    full_seconds: float              # wall time of the full-compute runs
+    seed: int
+
+    def speedup(self, candidate: Candidate) -> float:
+        """Measured wall-clock speedup of a candidate over full compute, same seeds."""
+        if not candidate.seconds or not self.full_seconds:
+            return math.nan
+        return self.full_seconds / candidate.seconds
+
+
+def search(constraints: SearchConstraints, run, reference, count: int = 5, seed: int = 0,
+           profile=None, pool: int = 0, selective: bool = False, compare_uniform: bool = True,
+           full_seconds: float = 0.0, progress=None, max_attempts: int = 1_000_000) -> SearchResult:
+    """CASS with measured scoring: draw, (pre-rank,) run, score against full compute, keep the best.
+
+    run(pattern) -> the final outputs for the search seeds (tensor [N, ...] or list), with
+        `pattern` a list of step digits; `reference` the full-compute outputs of the same seeds.
+    count: K, candidates that are run. pool: with a `profile` (profiling.FeatureProfile), draw
+        this many, rank them by predicted error and run only the best `count`.
+    selective: inject selective steps into the winner (scored plain, as the method's readme does)
+        and run it once more so its error is measured too.
+    compare_uniform: also run the even-interval pattern at the same budget (FORA-like); it may win.
+    progress(done, total, candidate): called after each run; raise from it (or from `run`) to cancel.
+    Same constraints, seed and deterministic `run` -> same result.
+    """
+    if count < 1:
+        raise ScheduleError(f"the number of candidates to run must be at least 1, got {count}")
+    ranked: list[Candidate] = []
+    if profile is not None and pool > count:
+        drawn = draw_candidates(constraints, pool, seed, max_attempts)
+        ranked = [Candidate(pattern, predicted=score) for score, pattern in profile.rank(drawn)]
+        chosen = ranked[:count]
+    else:
+        chosen = [Candidate(tuple(p)) for p in draw_candidates(constraints, count, seed, max_attempts)]
+        if profile is not None:
+            for c in chosen:
+                c.predicted = profile.predict(c.pattern)
+    to_run = list(chosen)
+    uniform = None
+    if compare_uniform:
+        even = tuple(even_pattern(constraints))
+        uniform = next((c for c in to_run if c.pattern == even), None)
+        if uniform is None:
+            uniform = Candidate(even, origin="uniform",
+                                predicted=profile.predict(even) if profile is not None and profile.ready else None)
+            to_run.append(uniform)
+        else:
+            uniform.origin = "uniform"
+    total = len(to_run) + (1 if selective else 0)
+    for i, candidate in enumerate(to_run):
+        start = time.perf_counter()
+        candidate.error = output_error(run(list(candidate.pattern)), reference)
+        candidate.seconds = time.perf_counter() - start
+        if progress is not None:
+            progress(i + 1, total, candidate)
+    best = min(to_run, key=lambda c: (c.error, c.pattern))
+    final = best
+    if selective:
+        injected = tuple(inject_selective(best.pattern))
+        final = Candidate(injected, origin="winner+selective",
+                          predicted=profile.predict(injected) if profile is not None and profile.ready else None)
+        start = time.perf_counter()
+        final.error = output_error(run(list(injected)), reference)
+        final.seconds = time.perf_counter() - start
+        if progress is not None:
+            progress(total, total, final)
+    return SearchResult(constraints, best, final, to_run, ranked, uniform, full_seconds, seed)
