@@ -51,16 +51,9 @@ def test_adapter_is_chosen(pack, family):
     assert "branch-level" in sentence
 
 
-def test_all_full_is_bit_identical(pack, family):
+def test_all_full_is_bit_identical_and_reuse_skips_the_branches(pack, family):
     mp = comfy_families.make_patcher(family.name)
     plain = comfy_families.sample(mp, family.name, steps=3)
-    cached = _cached(pack, mp, family, (1, 1, 1))
-    assert torch.equal(plain, cached)
-    assert not [n for n, m in mp.model.diffusion_model.named_modules() if "forward" in m.__dict__]
-
-
-def test_reuse_steps_skip_the_branches(pack, family):
-    mp = comfy_families.make_patcher(family.name)
     modules = family.counted(mp.model.diffusion_model)
     calls = {"n": 0}
 
@@ -68,14 +61,16 @@ def test_reuse_steps_skip_the_branches(pack, family):
         calls["n"] += 1
     hooks = [m.register_forward_hook(count) for m in modules]
     try:
-        full = _cached(pack, mp, family, (1, 1, 1, 1))
+        full = _cached(pack, mp, family, (1, 1, 1))
         full_calls, calls["n"] = calls["n"], 0
-        reused = _cached(pack, mp, family, (1, 0, 0, 1))
+        reused = _cached(pack, mp, family, (1, 0, 0))
     finally:
         for h in hooks:
             h.remove()
-    assert full_calls == 4 * len(modules)       # one batched call per step (cond and uncond together)
-    assert calls["n"] == 2 * len(modules)       # the two reuse steps computed none of them
+    assert torch.equal(plain, full)
+    assert not [n for n, m in mp.model.diffusion_model.named_modules() if "forward" in m.__dict__]
+    assert full_calls == 3 * len(modules)       # one batched call per step (cond and uncond together)
+    assert calls["n"] == len(modules)           # the two reuse steps computed none of them
     assert torch.isfinite(reused).all() and not torch.equal(full, reused)
 
 
