@@ -4,10 +4,11 @@ from comfy_api.latest import ComfyExtension, io
 from .apply_node import ProCacheApply
 from .forecaster_node import ProCacheForecaster, ProCacheForecasterTrainer
 from .schedule_loader import ProCacheScheduleLoader
+from .search_node import ProCacheScheduleSearch
 from .selector_node import TokenImportanceSelector
 
 NODES: list[type[io.ComfyNode]] = [ProCacheScheduleLoader, ProCacheApply, TokenImportanceSelector,
-                                   ProCacheForecaster, ProCacheForecasterTrainer]
+                                   ProCacheForecaster, ProCacheForecasterTrainer, ProCacheScheduleSearch]
 
 
 class ProCacheExtension(ComfyExtension):

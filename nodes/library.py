@@ -6,6 +6,7 @@ outside these folders can be read. Files are JSON; nothing is unpickled.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from ..procache_core import Schedule, ScheduleError
@@ -67,16 +68,37 @@ def load(name: str) -> Schedule:
     return Schedule.from_json(text, where=f"schedule {name!r}")
 
 
-def save_user(schedule: Schedule, name: str) -> str:
-    """Write a schedule into the user's folder; the name is a plain file name, nothing else."""
+def safe_name(name: str) -> str:
+    """`name` with everything but letters, digits, '-', '_' and '.' removed (no leading/trailing dot)."""
+    return "".join(c for c in name if c.isalnum() or c in "-_.").strip(".")
+
+
+def save_user(schedule: Schedule, name: str, extra: dict | None = None) -> str:
+    """Write a schedule into the user's folder; the name is a plain file name, nothing else.
+    `extra` adds top-level keys (e.g. the search metadata) that readers of the format ignore."""
     folder = user_dir()
     if folder is None:
         raise ScheduleError("ComfyUI's user directory is not available")
-    safe = "".join(c for c in name if c.isalnum() or c in "-_.").strip(".")
+    safe = safe_name(name)
     if not safe or safe != name:
         raise ScheduleError(f"schedule names may use letters, digits, '-', '_' and '.', got {name!r}")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, safe + ".json")
+    doc = schedule.to_dict()
+    for key, value in (extra or {}).items():
+        doc.setdefault(key, value)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(schedule.to_json() + "\n")
+        f.write(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+def origin(name: str, schedule: Schedule) -> str:
+    """One line saying where a library schedule comes from: searched (on which model), generic, or the paper's."""
+    provenance = schedule.provenance.lower()
+    if provenance.startswith("searched"):
+        return f"library: {name} was searched on a model: {schedule.provenance}"
+    if provenance.startswith("generic"):
+        return f"library: {name} is generic (made by the constraint rule, not searched on any model)"
+    if provenance.startswith("procache paper"):
+        return f"library: {name} is the ProCache paper's released pattern for {schedule.family}"
+    return f"library: {name}"

@@ -50,8 +50,11 @@ class ProCacheScheduleLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("source", options=names + [UNIFORM, TYPED],
                                default=names[0] if names else UNIFORM,
-                               tooltip="A schedule from the library (bundled with the pack or saved by Schedule "
-                                       "Search), a full step every N steps, or the pattern typed below."),
+                               tooltip="A schedule from the library, a full step every N steps, or the pattern "
+                                       "typed below. procache-*: the paper's released patterns; generic-<steps>-<x>: "
+                                       "made by the constraint rule for that step count and speedup, not searched; "
+                                       "user/*: saved by ProCache Schedule Search (the report names the model it was "
+                                       "searched on). Another step count is resampled, with a note."),
                 io.String.Input("pattern", multiline=True, default="",
                                 tooltip="Used when source is 'typed pattern': digits 1 (full), 0 (reuse), "
                                         "2 (selective), e.g. '1,0,0,2,0' or '[1,0,2,0]x6 + [1,0]x7', or a "
@@ -84,4 +87,6 @@ class ProCacheScheduleLoader(io.ComfyNode):
     def execute(cls, source, pattern, interval, steps, selective) -> io.NodeOutput:
         schedule = build_schedule(source, pattern, interval, steps, selective)
         text = describe(schedule)
+        if source not in (UNIFORM, TYPED):
+            text = f"{library.origin(source, schedule)}\n{text}"
         return io.NodeOutput(schedule, text, ui={"text": [text], "pattern": [schedule.pattern]})

@@ -1,0 +1,304 @@
+"""ProCache Schedule Search: a caching schedule searched for the connected model, sampler and prompts.
+
+Each candidate runs through ComfyUI's own sampler with the pack's wrappers (the same path as
+ProCache Apply + KSampler), once per search seed, and is scored by how far its final latents are
+from the full-compute latents of the same seeds. The full-compute runs double as the profiling
+run that pre-ranks a large pool of candidates, so only the most promising few are sampled.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import time
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import numpy
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageDraw
+
+from ..procache_core import Schedule, ScheduleError
+from ..procache_core.profiling import FeatureProfile, step_weights
+from ..procache_core.search import SearchConstraints, count_partitions, search
+from . import library
+from .runtime import ApplyConfig, attach, describe_model
+from .schedule_loader import SCHEDULE, describe
+
+log = logging.getLogger("procache")
+PROFILE_KEY = "procache_profile"
+
+
+def constraints_from(steps: int, full_steps: int, target_speedup: float, min_interval: int,
+                     max_interval: int) -> SearchConstraints:
+    if full_steps > 0:
+        return SearchConstraints(steps, full_steps, min_interval, max_interval)
+    return SearchConstraints.for_speedup(steps, target_speedup, min_interval, max_interval)
+
+
+class SeedRunner:
+    """Samples the search seeds exactly as KSampler would with each seed, full or with a pattern."""
+
+    def __init__(self, model, seed, seeds, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                 on_step):
+        self.model, self.steps, self.cfg = model, steps, cfg
+        self.sampler_name, self.scheduler, self.positive, self.negative = sampler_name, scheduler, positive, negative
+        self.latent = latent
+        self.seeds = [seed + i for i in range(seeds)]
+        self.on_step = on_step
+
+    def _sample(self, model, seed, callback=None):
+        latent_image = comfy.sample.fix_empty_latent_channels(model, self.latent["samples"])
+        noise = comfy.sample.prepare_noise(latent_image, seed, self.latent.get("batch_index"))
+
+        def step_done(step, x0, x, total):
+            if callback is not None:
+                callback(step)
+            self.on_step()       # progress, and cancel between steps
+
+        return comfy.sample.sample(model, noise, self.steps, self.cfg, self.sampler_name, self.scheduler,
+                                   self.positive, self.negative, latent_image,
+                                   noise_mask=self.latent.get("noise_mask"), callback=step_done,
+                                   disable_pbar=True, seed=seed)
+
+    def full(self, profile: FeatureProfile) -> list[torch.Tensor]:
+        """Full-compute outputs of every seed, recording the raw model output at each step."""
+        profiled = self.model.clone()
+        state = {"step": 0, "recorded": -1}
+
+        def record(executor, *args, **kwargs):
+            out = executor(*args, **kwargs)
+            if state["recorded"] != state["step"]:      # the step's first call (a step may call more)
+                state["recorded"] = state["step"]
+                profile.record(state["step"], out)
+            return out
+
+        def next_step(step):
+            state["step"] = step + 1
+
+        profiled.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PROFILE_KEY, record)
+        outputs = []
+        for seed in self.seeds:
+            state.update(step=0, recorded=-1)
+            profile.begin_run()
+            outputs.append(self._sample(profiled, seed, next_step).float().cpu())
+        return outputs
+
+    def scheduled(self, pattern) -> list[torch.Tensor]:
+        schedule = Schedule(kinds=tuple(pattern), name="search candidate")
+        patched = attach(self.model, ApplyConfig(schedule=schedule))
+        return [self._sample(patched, seed).float().cpu() for seed in self.seeds]
+
+
+# ---- the plot -------------------------------------------------------------------------------
+def plot(result, width: int = 640, height: int = 400) -> torch.Tensor:
+    """Error vs measured speedup of every candidate run; the winner marked. IMAGE [1, H, W, 3]."""
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 70, width - 20, 40, height - 50
+    points = [(result.speedup(c), c.error, c) for c in result.candidates]
+    if result.final is not result.best:
+        points.append((result.speedup(result.final), result.final.error, result.final))
+    xs = [p[0] for p in points if math.isfinite(p[0])] or [1.0]
+    ys = [math.log10(max(p[1], 1e-12)) for p in points]
+    theory = result.constraints.steps / result.constraints.full_steps
+    x_lo, x_hi = min(xs + [theory, 1.0]) * 0.95, max(xs + [theory]) * 1.05
+    y_lo, y_hi = min(ys) - 0.1, max(ys) + 0.1
+
+    def at(x, y):
+        x = x if math.isfinite(x) else theory
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
+                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for i in range(5):
+        y = y_lo + (y_hi - y_lo) * i / 4
+        py = at(x_lo, y)[1]
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((4, py - 6), f"{10 ** y:.2e}", fill="black")
+        x = x_lo + (x_hi - x_lo) * i / 4
+        px = at(x, y_lo)[0]
+        draw.line([px, bottom, px, bottom + 4], fill="black")
+        draw.text((px - 12, bottom + 8), f"{x:.2f}x", fill="black")
+    tx = at(theory, y_lo)[0]
+    for y in range(top, bottom, 8):
+        draw.line([tx, y, tx, y + 4], fill=(150, 150, 150))
+    draw.text((left, 8), f"ProCache Schedule Search: {len(result.candidates)} runs, error vs full compute "
+                         f"(log) over measured speedup; dashed = {theory:.2f}x by step count", fill="black")
+    draw.text((left, height - 22), "grey: drawn   blue square: uniform intervals   red star: winner   "
+                                   "orange: winner + selective", fill="black")
+    for x, _, c in points:
+        px, py = at(x, math.log10(max(c.error, 1e-12)))
+        if c is result.best:
+            star = [(px + r * math.cos(a), py + r * math.sin(a))
+                    for i in range(10) for a, r in [(math.pi / 2 + i * math.pi / 5, 10 if i % 2 == 0 else 4)]]
+            draw.polygon(star, fill=(220, 30, 30))
+        elif c.origin == "uniform":
+            draw.rectangle([px - 5, py - 5, px + 5, py + 5], fill=(40, 90, 220))
+        elif c.origin == "winner+selective":
+            draw.polygon([(px, py - 7), (px + 7, py), (px, py + 7), (px - 7, py)], fill=(240, 150, 20))
+        else:
+            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=(120, 120, 120))
+    return torch.from_numpy(numpy.asarray(img, dtype="float32") / 255.0).unsqueeze(0)
+
+
+# ---- the node -------------------------------------------------------------------------------
+class ProCacheScheduleSearch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProCacheScheduleSearch",
+            display_name="ProCache Schedule Search",
+            category="ProCache/schedules",
+            description="Searches a caching schedule for this model, sampler and prompt: candidate schedules under "
+                        "a budget are sampled on a few seeds and the one closest to full compute is kept.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to search a schedule for (not changed)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The sampler the schedule is for; use the same one in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="The noise schedule the schedule is for; use the same one in KSampler."),
+                io.Int.Input("steps", default=20, min=2, max=1000,
+                             tooltip="Sampler steps; the schedule has exactly this many."),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, as in KSampler."),
+                io.Conditioning.Input("positive", tooltip="The prompt(s) to search on; a prompt like your real "
+                                                          "ones gives a schedule that suits them."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt, as in KSampler."),
+                io.Latent.Input("latent_image", tooltip="The latent to sample from (its size sets the cost of "
+                                                        "each run; a smaller one searches faster)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="First noise seed; the search seeds are seed, seed+1, ... It also seeds the "
+                                     "candidate draw, so the same seed gives the same result."),
+                io.Int.Input("seeds", default=4, min=1, max=64,
+                             tooltip="N: how many seeds each candidate is sampled on. More is more reliable and "
+                                     "proportionally slower."),
+                io.Int.Input("candidates", default=5, min=1, max=200,
+                             tooltip="K: how many candidate schedules are sampled and scored (the method uses 5). "
+                                     "Each costs N sampling runs."),
+                io.Int.Input("full_steps", default=0, min=0, max=1000,
+                             tooltip="Budget B: exactly this many full steps. 0 derives it from target_speedup."),
+                io.Float.Input("target_speedup", default=2.0, min=1.0, max=20.0, step=0.1,
+                               tooltip="Used when full_steps is 0: B = steps / target_speedup, rounded."),
+                io.Int.Input("min_interval", default=0, min=0, max=100,
+                             tooltip="Fewest reuse steps between two full steps (0 allows back-to-back full steps)."),
+                io.Int.Input("max_interval", default=4, min=0, max=100,
+                             tooltip="Most reuse steps between two full steps; raise it for long caching early in "
+                                     "the run, lower it for safety."),
+                io.Boolean.Input("selective", default=True,
+                                 tooltip="Inject selective steps into the winner (every second reuse step of each "
+                                         "run recomputes important tokens), as ProCache does; it is run once more "
+                                         "so its error is measured too."),
+                io.Int.Input("prerank_pool", default=200, min=0, max=5000,
+                             tooltip="Draw this many candidates and rank them by how much the model's output changed "
+                                     "over their reuse steps in the full-compute runs; only the best K are sampled. "
+                                     "0 or <= K: sample K random candidates, as the method does."),
+                io.String.Input("save_name", default="",
+                                tooltip="Save the result in the user schedule library under this name (letters, "
+                                        "digits, '-', '_', '.'); it then appears in the Schedule Loader as "
+                                        "user/<name>. Empty: do not save."),
+            ],
+            outputs=[
+                SCHEDULE.Output(display_name="schedule", tooltip="The searched schedule; connect to ProCache Apply."),
+                io.String.Output(display_name="pattern", tooltip="The schedule's digits; paste into the Schedule "
+                                                                 "Loader's typed pattern to carry it in a workflow."),
+                io.Image.Output(display_name="plot", tooltip="Error vs speedup of every candidate, winner marked."),
+                io.String.Output(display_name="report", tooltip="What was searched and what each candidate scored."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, steps, full_steps, target_speedup, min_interval, max_interval, save_name, **_):
+        try:
+            constraints_from(steps, full_steps, target_speedup, min_interval, max_interval)
+            if save_name and library.safe_name(save_name) != save_name:
+                raise ScheduleError(f"schedule names may use letters, digits, '-', '_' and '.', got {save_name!r}")
+        except ScheduleError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, model, sampler_name, scheduler, steps, cfg, positive, negative, latent_image, seed, seeds,
+                candidates, full_steps, target_speedup, min_interval, max_interval, selective, prerank_pool,
+                save_name) -> io.NodeOutput:
+        constraints = constraints_from(steps, full_steps, target_speedup, min_interval, max_interval)
+        mode, sentence = describe_model(model)
+        if mode == "none":
+            raise ScheduleError(sentence)
+        space = count_partitions(constraints)
+        pool = min(prerank_pool, space)
+        runs = 1 + min(candidates, space) + 1 + (1 if selective else 0)
+        pbar = comfy.utils.ProgressBar(runs * seeds * steps)
+
+        def on_step():
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            pbar.update(1)
+
+        runner = SeedRunner(model, seed, seeds, steps, cfg, sampler_name, scheduler, positive, negative,
+                            latent_image, on_step)
+        profile = FeatureProfile(steps, constraints.max_interval + 1, weights=sigma_weights(model, scheduler, steps))
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        start = time.perf_counter()
+        reference = runner.full(profile)
+        full_seconds = time.perf_counter() - start
+        result = search(constraints, runner.scheduled, reference, count=candidates, seed=seed,
+                        profile=profile if profile.ready else None, pool=pool, selective=selective,
+                        full_seconds=full_seconds)
+        pbar.update_absolute(pbar.total)
+
+        final = result.final
+        model_name = type(model.model.model_config).__name__
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        name = save_name or f"search-{model_name.lower()}-{steps}-{constraints.full_steps}full"
+        uniform_text = f", uniform intervals {result.uniform.error:.4g}" if result.uniform else ""
+        provenance = (f"searched by ProCache Schedule Search on {model_name} ({sampler_name}/{scheduler}, {steps} steps, "
+                      f"CFG {cfg:g}, seeds {runner.seeds[0]}..{runner.seeds[-1]}, {date}): error {final.error:.4g} "
+                      f"vs full compute{uniform_text}; {constraints.full_steps} full steps")
+        notes = [f"{len(result.candidates)} candidates sampled"
+                 + (f", the best by prediction of {len(result.pool)} pre-ranked from the full-compute runs"
+                    if result.pool else ", drawn at random (CASS)")]
+        schedule = Schedule(kinds=final.pattern, name=name, family=mode, sampler=f"{sampler_name}/{scheduler}",
+                            provenance=provenance, notes=tuple(notes))
+        metadata = {"search": {
+            "model": model_name, "family": mode, "sampler": sampler_name, "scheduler": scheduler, "steps": steps,
+            "cfg": cfg, "seeds": runner.seeds, "date": date, "error": final.error,
+            "error_metric": "relative MSE of final latents vs full compute, mean over seeds",
+            "uniform_error": result.uniform.error if result.uniform else None,
+            "theoretical_speedup": round(schedule.theoretical_speedup(), 4),
+            "measured_speedup": round(result.speedup(final), 4),
+            "full_steps": constraints.full_steps, "min_interval": constraints.min_interval,
+            "max_interval": constraints.max_interval, "candidates": len(result.candidates),
+            "prerank_pool": len(result.pool), "selective": selective, "draw_seed": seed}}
+        report = report_text(result, schedule, space)
+        if save_name:
+            path = library.save_user(schedule, save_name, extra=metadata)
+            report += f"\nsaved as user/{save_name} ({path})"
+        log.info("ProCache search: %s", report.splitlines()[0])
+        return io.NodeOutput(schedule, schedule.pattern, plot(result), report,
+                             ui={"text": [report], "pattern": [schedule.pattern]})
+
+
+def sigma_weights(model, scheduler: str, steps: int) -> list[float] | None:
+    try:
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
+    except Exception:         # a scheduler that needs more than the model sampling: weigh steps equally
+        return None
+    weights = step_weights([float(s) for s in sigmas])
+    return weights if len(weights) == steps else None
+
+
+def report_text(result, schedule: Schedule, space: int) -> str:
+    c = result.constraints
+    lines = [f"searched {c.steps} steps, {c.full_steps} full (intervals {c.min_interval}..{c.max_interval}; "
+             f"{space} patterns allowed): winner error {result.best.error:.4g}"
+             + (f", uniform intervals {result.uniform.error:.4g}" if result.uniform else ""),
+             describe(schedule), "candidates (relative MSE vs full, measured speedup, pattern):"]
+    for cand in sorted(result.candidates + ([result.final] if result.final is not result.best else []),
+                       key=lambda x: x.error):
+        mark = " <- winner" if cand is result.best else f" ({cand.origin})" if cand.origin != "drawn" else ""
+        lines.append(f"  {cand.error:.4g}  {result.speedup(cand):.2f}x  {cand.text}{mark}")
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""ProCache Schedule Search in a real ComfyUI, on a tiny Flux model with ComfyUI's own samplers."""
+import json
+
+import pytest
+import torch
+
+import comfy_env
+
+pytestmark = pytest.mark.skipif(comfy_env.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH")
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def pack():
+    comfy_env.load_pack()
+    from procache_comfyui.nodes import search_node
+    return search_node
+
+
+@pytest.fixture()
+def user_folder(pack, tmp_path, monkeypatch):
+    from procache_comfyui.nodes import library
+    folder = tmp_path / "procache" / "schedules"
+    monkeypatch.setattr(library, "user_dir", lambda: str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inputs(pack):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    latent, pos, neg = comfy_env.latent_and_conds("flux")
+    yield dict(model=comfy_env.make_patcher("flux"), sampler_name="euler", scheduler="simple", steps=STEPS,
+               cfg=2.0, positive=pos, negative=neg, latent_image={"samples": latent}, seed=5, seeds=2,
+               candidates=3, full_steps=3, target_speedup=2.0, min_interval=0, max_interval=4, selective=True,
+               prerank_pool=20, save_name="")
+    torch.set_num_threads(threads)
+
+
+def _search(pack, inputs, **changes):
+    return pack.ProCacheScheduleSearch.execute(**{**inputs, **changes})
+
+
+def test_search_saves_a_schedule_the_loader_gives_back(pack, inputs, user_folder):
+    from procache_comfyui.nodes import library
+    from procache_comfyui.nodes.schedule_loader import ProCacheScheduleLoader
+    from procache_comfyui.procache_core import StepKind
+    out = _search(pack, inputs, save_name="tiny-flux")
+    schedule, pattern, image, report = out.args
+    assert schedule.pattern == pattern and schedule.steps == STEPS
+    assert schedule.count(StepKind.FULL) == 3 and StepKind.SELECTIVE in schedule.kinds
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 100
+    assert float(image.std()) > 0.01                 # something was drawn
+    assert "<- winner" in report and "uniform" in report
+    doc = json.loads((user_folder / "tiny-flux.json").read_text())
+    meta = doc["search"]
+    assert meta["model"] == "Flux" and meta["sampler"] == "euler" and meta["steps"] == STEPS
+    assert meta["cfg"] == 2.0 and meta["seeds"] == [5, 6] and meta["date"]
+    assert meta["error"] > 0 and meta["theoretical_speedup"] == pytest.approx(STEPS / 3, rel=1e-3)
+    assert meta["prerank_pool"] > 3 and meta["candidates"] >= 3
+    assert "user/tiny-flux" in library.listing()
+    loaded = ProCacheScheduleLoader.execute("user/tiny-flux", "", 3, 0, False)
+    assert loaded.args[0].pattern == pattern
+    assert "searched on a model" in loaded.args[1] and "Flux" in loaded.args[1]
+    # the pattern output carried as typed text gives the same schedule too
+    typed = ProCacheScheduleLoader.execute("typed pattern", pattern, 3, 0, False)
+    assert typed.args[0].pattern == pattern
+    # same seed, same result
+    again = _search(pack, inputs)
+    assert again.args[1] == pattern
+    assert again.args[3].splitlines()[0] == report.splitlines()[0]          # same errors, same winner
+    # the input model was never patched
+    assert not any(k.startswith("procache") for by_key in inputs["model"].wrappers.values() for k in by_key)
+
+
+def test_searched_candidates_are_what_apply_and_ksampler_give(pack, inputs):
+    """The winner's reported error is reproduced by ProCache Apply + a plain sampler run."""
+    from procache_comfyui.nodes import runtime
+    from procache_comfyui.procache_core.search import output_error
+    out = _search(pack, inputs, selective=False, prerank_pool=0, candidates=2)
+    schedule, report = out.args[0], out.args[3]
+    winner_error = float(report.splitlines()[0].split("winner error ")[1].split(",")[0])
+    model = inputs["model"]
+    latent = inputs["latent_image"]["samples"]
+
+    def run(m, seed):
+        import comfy.sample
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(m, noise, STEPS, 2.0, "euler", "simple", inputs["positive"], inputs["negative"],
+                                   latent, seed=seed, disable_pbar=True)
+
+    patched = runtime.attach(model, runtime.ApplyConfig(schedule=schedule))
+    err = output_error([run(patched, s) for s in (5, 6)], [run(model, s) for s in (5, 6)])
+    assert err == pytest.approx(winner_error, rel=1e-3)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(full_steps=1, max_interval=4), ["1 full steps", "at most 4", "5 of steps=8"]),
+    (dict(full_steps=5, min_interval=1), ["5 full steps", "at least 1", "10 steps", "steps=8"]),
+    (dict(full_steps=0, target_speedup=8.0, max_interval=3), ["target speedup 8x", "1 full steps", "at most 3"]),
+    (dict(min_interval=3, max_interval=2), ["min_interval=3", "max_interval=2"]),
+])
+def test_bad_constraints_are_refused_before_sampling(pack, inputs, changes, words):
+    from procache_comfyui.procache_core import ScheduleError
+    args = {**inputs, **changes}
+    message = pack.ProCacheScheduleSearch.validate_inputs(**args)
+    assert isinstance(message, str)
+    for word in words:
+        assert word in message
+    with pytest.raises(ScheduleError):
+        _search(pack, inputs, **changes)
+    assert pack.ProCacheScheduleSearch.validate_inputs(**inputs) is True
+
+
+def test_cancel_stops_the_search_and_leaves_the_model_clean(pack, inputs, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+    steps_seen = []
+
+    class Bar(comfy.utils.ProgressBar):
+        def update(self, value):
+            super().update(value)
+            steps_seen.append(self.current)
+            if self.current == STEPS * 2 + 3:       # inside the first candidate's runs
+                mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(pack.comfy.utils, "ProgressBar", Bar)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _search(pack, inputs)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert steps_seen[-1] in (STEPS * 2 + 3, STEPS * 2 + 4)      # stopped within a step
+    assert not any(k.startswith("procache") for by_key in inputs["model"].wrappers.values() for k in by_key)
