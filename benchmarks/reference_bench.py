@@ -219,11 +219,12 @@ def checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
                     f"(CPU time {pro.cpu_speedup:.2f}x)"))
     if pro and fora:
         out.append(("ProCache FD >= 25 % lower than FORA N=3 (equal FLOPs)", pro.fd <= 0.75 * fora.fd,
-                    f"{pro.fd:.3f} vs FORA {fora.fd:.3f} ({fora.flops_speedup:.2f}x): "
-                    f"{(1 - pro.fd / fora.fd):.0%} lower"))
+                    f"{pro.fd:.3f} vs FORA {fora.fd:.3f} ({fora.flops_speedup:.2f}x): FD {pro.fd / fora.fd - 1:+.0%}; "
+                    f"PSNR vs full {pro.psnr:.2f} vs {fora.psnr:.2f} dB"))
     if pro and fewer:
         out.append(("ProCache beats fewer steps at equal FLOPs", pro.fd < fewer.fd,
-                    f"FD {pro.fd:.3f} vs {fewer.fd:.3f} ({fewer.setting}, {fewer.flops_speedup:.2f}x)"))
+                    f"FD {pro.fd:.3f} vs {fewer.fd:.3f} ({fewer.setting}, {fewer.flops_speedup:.2f}x); "
+                    f"PSNR vs full {pro.psnr:.2f} vs {fewer.psnr:.2f} dB"))
     return out
 
 
