@@ -253,28 +253,34 @@ def markdown(rows: list[Row], command: str, samples: int, seconds: float) -> str
 
 
 def plot(rows: list[Row], path: str) -> None:
+    """FD (top) and PSNR against full compute (bottom) against FLOPs speedup, one column per step count."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     step_counts = sorted({r.steps for r in rows}, reverse=True)
-    fig, axes = plt.subplots(1, len(step_counts), figsize=(6.5 * len(step_counts), 4.8), squeeze=False)
-    for ax, steps in zip(axes[0], step_counts):
+    fig, axes = plt.subplots(2, len(step_counts), figsize=(6.5 * len(step_counts), 9), squeeze=False)
+    for col, steps in enumerate(step_counts):
         mine = [r for r in rows if r.steps == steps]
-        for r in mine:
-            ours = r.method.startswith("ProCache")
-            ax.scatter(r.flops_speedup, r.fd, s=60 if ours else 30, marker="*" if ours else "o",
-                       color="tab:red" if ours else ("black" if r.method == "full compute" else "tab:blue"))
-            ax.annotate(r.method.replace(" (equal FLOPs)", ""), (r.flops_speedup, r.fd), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-        ax.axhline(mine[0].fd, color="gray", lw=0.8, ls="--")
-        ax.set_yscale("log")
-        ax.set_xlabel("FLOPs speedup (block work)")
-        ax.set_ylabel("FD vs real digits (lower is better)")
-        ax.set_title(f"reference DiT, DDIM {steps} steps")
-        ax.grid(alpha=0.3)
+        for ax, metric, label in ((axes[0][col], "fd", "FD vs real digits (lower is better)"),
+                                  (axes[1][col], "psnr", "PSNR vs full compute, dB (higher is better)")):
+            for r in mine:
+                value = getattr(r, metric)
+                if not math.isfinite(value):
+                    continue
+                ours = r.method.startswith("ProCache")
+                ax.scatter(r.flops_speedup, value, s=70 if ours else 30, marker="*" if ours else "o",
+                           color="tab:red" if ours else ("black" if r.method == "full compute" else "tab:blue"))
+                ax.annotate(r.method.replace(" (equal FLOPs)", ""), (r.flops_speedup, value), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+            if metric == "fd":
+                ax.axhline(mine[0].fd, color="gray", lw=0.8, ls="--")
+            ax.set_xlabel("FLOPs speedup (attention + MLP work)")
+            ax.set_ylabel(label)
+            ax.set_title(f"reference DiT, DDIM {steps} steps")
+            ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
