@@ -178,3 +178,20 @@ def test_step_weights_grow_to_one_at_the_end():
     w = step_weights([14.6, 7.0, 3.0, 1.0, 0.3, 0.0])
     assert w[-1] == 1.0 and all(0 < x <= 1 for x in w)
     assert w == sorted(w)
+
+
+def test_bundled_generic_schedules_are_the_rule_and_say_so():
+    import glob
+    import os
+    import re
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schedules")
+    found = {}
+    for path in glob.glob(os.path.join(folder, "generic-*.json")):
+        steps, speedup = re.match(r"generic-(\d+)-([\d.]+)x\.json", os.path.basename(path)).groups()
+        with open(path, encoding="utf-8") as f:
+            schedule = Schedule.from_json(f.read())
+        assert list(schedule.kinds) == generic_pattern(int(steps), float(speedup))
+        assert schedule.provenance.startswith("generic:") and "not searched" in schedule.provenance
+        assert abs(schedule.theoretical_speedup() / float(speedup) - 1) < 0.1
+        found[(int(steps), float(speedup))] = schedule
+    assert set(found) == {(t, s) for t in (20, 25, 28, 30, 50) for s in (1.5, 2.0, 2.5, 3.0)}
