@@ -12,6 +12,15 @@ from benchmarks.train_reference import CONFIG, load_reference, train
 from procache_core.reference.sampling import sample
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: one thread is faster, and much faster on a busy machine; restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def judge():
     return load_judge()
