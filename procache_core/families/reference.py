@@ -1,4 +1,6 @@
 """The pack's reference DiT (procache_core.reference.dit): attention and MLP branches."""
+import torch
+
 from ..schedule import StepKind
 from ..tokens import attention_received, split_heads
 from .base import BlockStack, Branch, FamilySpec
@@ -22,12 +24,12 @@ def block_reuse(block, branch, x, c):
     # branch outputs, without the norms and modulated inputs. A block that refreshes tokens on
     # this step runs its MLP module, whose tap does the selective update.
     sh1, sc1, g1, sh2, sc2, g2 = block.adaLN_modulation(c).chunk(6, dim=-1)
-    x = x + g1.unsqueeze(1) * branch("attn", like=x)
+    x = torch.addcmul(x, g1.unsqueeze(1), branch("attn", like=x))     # x + g1 * attn, one pass
     if getattr(branch, "kind", None) == StepKind.SELECTIVE:
         mlp = block.mlp(block.norm2(x) * (1 + sc2.unsqueeze(1)) + sh2.unsqueeze(1))
     else:
         mlp = branch("mlp", like=x)
-    return x + g2.unsqueeze(1) * mlp
+    return torch.addcmul(x, g2.unsqueeze(1), mlp)
 
 
 REFERENCE = FamilySpec(
