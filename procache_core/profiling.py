@@ -5,7 +5,7 @@ What a reuse step gets wrong is how far the features moved since the last full s
 full-compute run per seed records the model output at every step; from it, `change(s, t)` is the
 relative L1 distance between the outputs of steps s and t (for t - s up to the longest segment
 the constraints allow). A pattern's predicted error sums, over its reuse steps, that change since
-its last full step, weighted by how much an error at that step reaches the final sample. Hundreds
+its last full step, weighted per step by the sampler's noise levels (`step_weights`). Hundreds
 of candidates are ranked this way in milliseconds and only the best few are run.
 """
 from __future__ import annotations
@@ -25,15 +25,18 @@ def relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def step_weights(sigmas: Sequence[float]) -> list[float]:
-    """How much an output error at each step reaches the final sample, from the sampler's sigmas.
+    """How much a skipped change at each step counts, from the sampler's sigmas: sigma_{t+1} / sigma_t.
 
-    An Euler-type update moves x by (sigma_t - sigma_{t+1}) times the model output, so an error
-    in the output is scaled by the step's size relative to the noise level: small early (the
-    remaining steps still correct it), 1 at the last step (nothing does). `sigmas` has T + 1 entries.
+    Measured, not derived: on the reference DiT (DDIM 50, 17 full steps, 41 candidates scored
+    against full compute) these weights rank candidates with Spearman 0.68 against the measured
+    error and put the best one in the top 5; the opposite weighting (the step's own size,
+    1 - sigma_{t+1} / sigma_t) ranks them backwards (-0.71), and equal weights barely at all
+    (-0.16). Early steps count most: what they get wrong, every later step builds on. The last
+    step (to sigma 0) counts 0. `sigmas` has T + 1 entries.
     """
     out = []
     for now, nxt in zip(sigmas[:-1], sigmas[1:]):
-        out.append(1.0 if now <= 0 else min(1.0, max(0.0, (now - nxt) / now)))
+        out.append(0.0 if now <= 0 else min(1.0, max(0.0, nxt / now)))
     return out
 
 

@@ -174,10 +174,10 @@ def test_prerank_keeps_good_candidates(model):
     assert [x.pattern for x in result.candidates] == [tuple(p) for p in ranked[:3]]
 
 
-def test_step_weights_grow_to_one_at_the_end():
+def test_step_weights_fall_to_zero_at_the_end():
     w = step_weights([14.6, 7.0, 3.0, 1.0, 0.3, 0.0])
-    assert w[-1] == 1.0 and all(0 < x <= 1 for x in w)
-    assert w == sorted(w)
+    assert w[-1] == 0.0 and all(0 < x < 1 for x in w[:-1])
+    assert w[0] == pytest.approx(7.0 / 14.6)
 
 
 def test_bundled_generic_schedules_are_the_rule_and_say_so():
