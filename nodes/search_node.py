@@ -13,7 +13,6 @@ import math
 import time
 
 import comfy.model_management
-import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -30,7 +29,6 @@ from .runtime import ApplyConfig, attach, describe_model
 from .schedule_loader import SCHEDULE, describe
 
 log = logging.getLogger("procache")
-PROFILE_KEY = "procache_profile"
 
 
 def constraints_from(steps: int, full_steps: int, target_speedup: float, min_interval: int,
@@ -66,26 +64,29 @@ class SeedRunner:
                                    disable_pbar=True, seed=seed)
 
     def full(self, profile: FeatureProfile) -> list[torch.Tensor]:
-        """Full-compute outputs of every seed, recording the raw model output at each step."""
-        profiled = self.model.clone()
+        """Full-compute outputs of every seed, recording the raw model output at each step.
+
+        A forward hook on the diffusion model (not a DIFFUSION_MODEL wrapper: not every model
+        class runs those), present only during these runs and removed even on cancel."""
         state = {"step": 0, "recorded": -1}
 
-        def record(executor, *args, **kwargs):
-            out = executor(*args, **kwargs)
-            if state["recorded"] != state["step"]:      # the step's first call (a step may call more)
+        def record(module, args, out):
+            if state["recorded"] != state["step"] and torch.is_tensor(out):   # the step's first call
                 state["recorded"] = state["step"]
                 profile.record(state["step"], out)
-            return out
 
         def next_step(step):
             state["step"] = step + 1
 
-        profiled.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PROFILE_KEY, record)
+        hook = self.model.model.diffusion_model.register_forward_hook(record)
         outputs = []
-        for seed in self.seeds:
-            state.update(step=0, recorded=-1)
-            profile.begin_run()
-            outputs.append(self._sample(profiled, seed, next_step).float().cpu())
+        try:
+            for seed in self.seeds:
+                state.update(step=0, recorded=-1)
+                profile.begin_run()
+                outputs.append(self._sample(self.model, seed, next_step).float().cpu())
+        finally:
+            hook.remove()
         return outputs
 
     def scheduled(self, pattern) -> list[torch.Tensor]:
