@@ -213,9 +213,12 @@ class ProCacheScheduleSearch(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps, full_steps, target_speedup, min_interval, max_interval, save_name, **_):
+    def validate_inputs(cls, steps=None, full_steps=None, target_speedup=None, min_interval=None, max_interval=None,
+                        save_name=None, **_):
+        values = (steps, full_steps, target_speedup, min_interval, max_interval)
         try:
-            constraints_from(steps, full_steps, target_speedup, min_interval, max_interval)
+            if None not in values:          # a linked input is known only when the node runs
+                constraints_from(*values)
             if save_name and library.safe_name(save_name) != save_name:
                 raise ScheduleError(f"schedule names may use letters, digits, '-', '_' and '.', got {save_name!r}")
         except ScheduleError as e:
