@@ -120,7 +120,10 @@ def count_partitions(constraints: SearchConstraints, limit: int = 10_000_000) ->
                 return limit
         return total
 
-    return ways(c.steps, c.full_steps, hi)
+    try:
+        return ways(c.steps, c.full_steps, hi)
+    except RecursionError:          # budgets of ~1000 full steps: too deep to count, call it plenty
+        return limit
 
 
 # ---- patterns built by rule ------------------------------------------------------------------
