@@ -49,7 +49,7 @@ class ProCacheScheduleLoader(io.ComfyNode):
             description="Chooses which sampler steps run in full, reuse the cache, or recompute important tokens.",
             inputs=[
                 io.Combo.Input("source", options=names + [UNIFORM, TYPED],
-                               default=names[0] if names else UNIFORM,
+                               default=next((n for n in names if n.startswith("procache-")), names[0] if names else UNIFORM),
                                tooltip="A schedule from the library, a full step every N steps, or the pattern "
                                        "typed below. procache-*: the paper's released patterns; generic-<steps>-<x>: "
                                        "made by the constraint rule for that step count and speedup, not searched; "
