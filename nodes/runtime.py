@@ -133,6 +133,8 @@ def double_caching_warning(model) -> str | None:
 
 # ---- OUTER_SAMPLE ---------------------------------------------------------------------------
 _SIGMAS, _CALLBACK = 3, 5       # positions in CFGGuider.outer_sample(noise, latent, sampler, sigmas, mask, callback, ...)
+# k-diffusion samplers whose second model call of step k lands exactly on sigma_{k+1} after the step's callback
+CORRECTOR_AT_NEXT_SIGMA = {"sample_heun"}
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
@@ -145,6 +147,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     sigmas = args[_SIGMAS] if len(args) > _SIGMAS else kwargs["sigmas"]
     user_callback = args[_CALLBACK] if len(args) > _CALLBACK else kwargs.get("callback")
     run = start_run(config, guider.model_patcher, sigmas)
+    sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
+    run.clock.corrector_at_next_sigma = getattr(getattr(sampler, "sampler_function", None), "__name__", "") in CORRECTOR_AT_NEXT_SIGMA
     warning = double_caching_warning(guider.model_patcher)     # also catches a cache added after Apply
     if warning:
         run.stats.notes.append(warning)

@@ -24,16 +24,32 @@ class StepClock:
         # wraps their callback); False locates each call by its sigma alone.
         self.callback_driven = callback_driven
         self._finished = -1             # last step the sampler reported as done
+        # ComfyUI's samplers report step k after its first model call. Heun then makes its corrector
+        # call exactly at sigma_{k+1}, where the next step also starts: with this set (the runtime
+        # does for heun), the first call at sigma_{k+1} after the report still belongs to step k.
+        self.corrector_at_next_sigma = False
+        self._corrector_pending = False
+        self._corrector_seen: set = set()     # CFG streams run apart each make their own corrector call
 
     def step_finished(self, step: int) -> None:
         """Called from the sampler callback with the index of the step that just ended."""
+        if int(step) > self._finished:
+            self._corrector_pending = self.corrector_at_next_sigma
+            self._corrector_seen = set()
         self._finished = max(self._finished, int(step))
 
-    def step_for(self, sigma: float) -> int:
-        """The run-local step index of a model call at noise level `sigma`."""
+    def step_for(self, sigma: float, streams=None) -> int:
+        """The run-local step index of a model call at noise level `sigma` for `streams`."""
         sigma = float(sigma)
         if not self.callback_driven:
             return self._locate(sigma, lowest=0)
+        if self._corrector_pending:
+            k = self._finished
+            at_next = k + 1 <= self.steps and self.sigmas[k + 1] > 0 and abs(sigma - self.sigmas[k + 1]) <= self._tolerance(k)
+            if at_next and streams not in self._corrector_seen:
+                self._corrector_seen.add(streams)
+                return k
+            self._corrector_pending = False
         expected = min(self._finished + 1, self.steps - 1)
         if self._contains(expected, sigma):
             return expected

@@ -79,7 +79,7 @@ class Run:
     @contextlib.contextmanager
     def model_call(self, model: nn.Module, sigma: float, streams: Sequence[str]):
         """Attach to `model` for one call at noise level `sigma` with these CFG streams."""
-        step = self.clock.step_for(sigma)
+        step = self.clock.step_for(sigma, tuple(streams))
         call = _Call(self, step, tuple(streams), model, float(sigma))
         started = time.perf_counter()
         try:

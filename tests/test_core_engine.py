@@ -38,6 +38,28 @@ def test_clock_with_sampler_callbacks(kind):
     assert seen == [e for _, e in calls]
 
 
+@pytest.mark.parametrize("streams", [[("c", "u")], [("c",), ("u",)]])
+def test_clock_heun_reported_after_its_first_call(streams):
+    """ComfyUI's heun reports step k after the predictor; the corrector then lands exactly on
+    sigma_{k+1} (once per CFG stream when they run apart) and still belongs to step k."""
+    clock = StepClock(SIGMAS)
+    clock.corrector_at_next_sigma = True
+    seen = []
+    for k in range(len(SIGMAS) - 1):
+        seen += [clock.step_for(SIGMAS[k], s) for s in streams]
+        clock.step_finished(k)
+        if SIGMAS[k + 1] > 0:
+            seen += [clock.step_for(SIGMAS[k + 1], s) for s in streams]
+    want = []
+    for k in range(len(SIGMAS) - 1):
+        want += [k] * len(streams) * (2 if SIGMAS[k + 1] > 0 else 1)
+    assert seen == want
+    plain = StepClock(SIGMAS)          # without the flag the corrector call is taken for step k+1
+    plain.step_for(SIGMAS[0])
+    plain.step_finished(0)
+    assert plain.step_for(SIGMAS[1]) == 1
+
+
 def test_clock_without_callbacks_follows_sigmas():
     clock = StepClock(SIGMAS, callback_driven=False)
     assert [clock.step_for(s) for s in SIGMAS[:-1]] == list(range(6))
