@@ -36,12 +36,13 @@ def forecaster_dir() -> str | None:
 
 
 def saved_forecasters() -> dict[str, str]:
-    """name -> path of the forecaster JSON files in the user's folder (listed names only)."""
+    """name -> path of the forecaster JSON files in the user's folder (listed names only; a link
+    that points out of the folder is not listed)."""
     folder = forecaster_dir()
     if not folder or not os.path.isdir(folder):
         return {}
     return {entry[:-5]: os.path.join(folder, entry) for entry in sorted(os.listdir(folder))
-            if entry.endswith(".json") and os.path.isfile(os.path.join(folder, entry))}
+            if entry.endswith(".json") and library.inside(folder, os.path.join(folder, entry))}
 
 
 def load_forecaster(source: str, text: str):

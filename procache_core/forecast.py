@@ -227,13 +227,15 @@ class ForecastFitter:
     are held, as at inference, so calibration memory is that of a forecasting run.
     """
 
-    def __init__(self, kinds: Sequence[int], history: int = 2, grouping: str = "role", ridge: float = 1e-6):
+    def __init__(self, kinds: Sequence[int], history: int = 2, grouping: str = "role", ridge: float = 1e-6,
+                 normalize: bool = True):
         if not 1 <= history <= MAX_HISTORY:
             raise ForecastError(f"history must be 1..{MAX_HISTORY}, got {history}")
         self.kinds = [StepKind(k) for k in kinds]
         self.history = history
         self.grouping = grouping
         self.ridge = ridge
+        self.normalize = normalize
         self._values: dict[tuple[str, Hashable], list[tuple[int, torch.Tensor]]] = {}
         self._gram: dict[tuple[int, str], torch.Tensor] = {}
         self._rhs: dict[tuple[int, str], torch.Tensor] = {}
@@ -258,7 +260,10 @@ class ForecastFitter:
             y = part.detach().flatten().double()
             cell = (step, group)
             k = feats.shape[0]
-            gram, rhs = feats @ feats.T, feats @ y
+            # Each branch output counts by its relative error, so blocks with large activations do
+            # not decide the coefficients of the whole group alone.
+            weight = 1.0 / max(float(feats[-1].square().sum()), 1e-12) if self.normalize else 1.0
+            gram, rhs = weight * (feats @ feats.T), weight * (feats @ y)
             if cell in self._gram and self._gram[cell].shape[0] == k:
                 self._gram[cell] += gram
                 self._rhs[cell] += rhs

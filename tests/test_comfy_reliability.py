@@ -378,3 +378,14 @@ def test_unloading_models_between_runs_and_between_steps(pack):
     assert _no_instance_forwards(mp) == []
     fresh = comfy_env.sample(_apply(pack, comfy_env.make_patcher("flux")).result[0], "flux")
     assert torch.equal(first, fresh)
+
+
+def test_forecaster_links_out_of_their_folder_are_not_listed(pack, user_folder, tmp_path):
+    from procache_comfyui.nodes import forecaster_node
+    folder = user_folder.parent / "forecasters"
+    folder.mkdir()
+    (tmp_path / "outside.json").write_text("{}")
+    (folder / "mine.json").write_text("{}")
+    os.symlink(tmp_path / "outside.json", folder / "escape.json")
+    os.symlink(tmp_path, folder / "dir.json")
+    assert sorted(forecaster_node.saved_forecasters()) == ["mine"]
