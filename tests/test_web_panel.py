@@ -8,8 +8,8 @@ pack's nodes (nothing of ours may appear, and it must still run) and one with Sc
 Apply -> KSampler (CFG 2, so two CFG streams). The test checks the Loader's preview strip before
 anything runs (also read back from the canvas pixels), the panel's counts per stream against the
 schedule and the server's own statistics, the time per step, the speedups and the mode, the strip
-on the Apply node, and that the page logged no errors. Screenshots go to docs/panel.png and to
-the test's temporary folder.
+on the Apply node, and that the page logged no errors. The screenshot goes to the test's temporary
+folder, and to docs/panel.png with PROCACHE_DOCS_SCREENSHOT=1.
 """
 from __future__ import annotations
 
@@ -192,9 +192,13 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     plain, cached = _graphs()
     report_path = tmp_path / "report.json"
     screenshot = tmp_path / "panel.png"
-    docs_png = os.path.join(ROOT, "docs", "panel.png")
+    # The README's picture is refreshed only on request (PROCACHE_DOCS_SCREENSHOT=1), so a test run
+    # leaves the checkout as it found it.
+    shots = [str(screenshot)]
+    if os.environ.get("PROCACHE_DOCS_SCREENSHOT") == "1":
+        shots.append(os.path.join(ROOT, "docs", "panel.png"))
     spec = {"url": url, "chromium": CHROMIUM, "user_data_dir": str(tmp_path / "chromium-profile"),
-            "screenshots": [str(screenshot), docs_png], "plain_prompt": plain, "cached_prompt": cached,
+            "screenshots": shots, "plain_prompt": plain, "cached_prompt": cached,
             "preview_cases": [values for values, _ in cases], "report": str(report_path),
             "failure_screenshot": str(tmp_path / "failure.png")}
     (tmp_path / "input.json").write_text(json.dumps(spec))
@@ -261,5 +265,5 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     assert apply["ProCacheApply"] == expected
     assert report["apply_strip"]["pixels"]["letters"] == expected
 
-    assert screenshot.stat().st_size > 10000 and os.path.getsize(docs_png) > 10000
+    assert all(os.path.getsize(path) > 10000 for path in shots)
     assert "Traceback" not in server_log.read_text().split("Starting server")[-1]
