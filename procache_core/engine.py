@@ -255,8 +255,9 @@ class _Call:
 
     def _store_full(self, index, block, branch, out, tokens, inputs):
         run, key = self.run, (index, branch.name)
-        run.cache.put(self.streams, key, out)
-        if run.forecast is not None:
+        if run.forecast is None:
+            run.cache.put(self.streams, key, out)
+        else:       # forecasts read the history slots only: K values per branch, not K + 1
             slot = run.forecast.slot_for(key, self.schedule_step, self.sigma)
             run.cache.put(self.streams, key + ("history", slot), out)
             run.cache.discard(self.streams, key + ("correction",))

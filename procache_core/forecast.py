@@ -228,7 +228,7 @@ class ForecastFitter:
     """
 
     def __init__(self, kinds: Sequence[int], history: int = 2, grouping: str = "role", ridge: float = 1e-6,
-                 normalize: bool = True):
+                 normalize: bool = True, affine: bool = True):
         if not 1 <= history <= MAX_HISTORY:
             raise ForecastError(f"history must be 1..{MAX_HISTORY}, got {history}")
         self.kinds = [StepKind(k) for k in kinds]
@@ -236,6 +236,7 @@ class ForecastFitter:
         self.grouping = grouping
         self.ridge = ridge
         self.normalize = normalize
+        self.affine = affine
         self._values: dict[tuple[str, Hashable], list[tuple[int, torch.Tensor]]] = {}
         self._gram: dict[tuple[int, str], torch.Tensor] = {}
         self._rhs: dict[tuple[int, str], torch.Tensor] = {}
@@ -276,8 +277,17 @@ class ForecastFitter:
         for (step, group), gram in sorted(self._gram.items()):
             k = gram.shape[0]
             scale = float(gram.diagonal().mean()) or 1.0
-            coeffs = torch.linalg.solve(gram + self.ridge * scale * torch.eye(k, dtype=gram.dtype),
-                                        self._rhs[(step, group)])
+            regularised = gram + self.ridge * scale * torch.eye(k, dtype=gram.dtype)
+            rhs = self._rhs[(step, group)]
+            if self.affine:
+                # Coefficients that sum to 1 (Lagrange multiplier on the normal equations): a branch
+                # output that stays put is forecast as itself. Unconstrained least squares shrinks
+                # every forecast a little toward zero, a bias each image inherits.
+                ones = torch.ones(k, dtype=gram.dtype)
+                g_rhs, g_ones = torch.linalg.solve(regularised, torch.stack([rhs, ones], dim=1)).unbind(1)
+                coeffs = g_rhs - g_ones * (g_rhs.sum() - 1.0) / g_ones.sum()
+            else:
+                coeffs = torch.linalg.solve(regularised, rhs)
             table.setdefault(step, {})[group] = [float(c) for c in coeffs]
         meta = {"samples": self.samples, "steps": len(self.kinds),
                 "pattern": "".join(str(int(k)) for k in self.kinds), **(metadata or {})}

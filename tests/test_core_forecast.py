@@ -40,26 +40,35 @@ def test_taylor_order_zero_is_plain_reuse_and_bad_inputs_are_refused():
         lagrange_coefficients([2.0, 2.0], 1.0)
 
 
-def test_fit_recovers_known_coefficients_from_synthetic_trajectories():
+def _fit_synthetic(truth, **fit_options):
     # Pattern: full at 0, 1, 4; steps 2, 3, 5 are forecast. True rule: h(t) = a*h(prev2) + b*h(prev1).
     kinds = parse_pattern("110010").kinds
-    truth = {2: (-0.7, 1.6), 3: (-1.2, 2.1), 5: (0.3, 0.8)}
-    fitter = ForecastFitter(kinds, history=2)
+    fitter = ForecastFitter(kinds, history=2, **fit_options)
     gen = torch.Generator().manual_seed(0)
     for run in range(3):
         values = {}
         for step in range(6):
             if kinds[step] == StepKind.FULL:
-                values[step] = torch.randn(2, 16, 8, generator=gen)
+                values[step] = torch.randn(2, 16, 8, generator=gen) * (1 + step)   # branches of unequal size
             else:
                 fulls = [s for s in values if kinds[s] == StepKind.FULL][-2:]
                 a, b = truth[step]
                 values[step] = a * values[fulls[0]] + b * values[fulls[1]]
             fitter.observe(("c", "u"), (0, "mlp"), "mlp", step, values[step])
-    fitted = fitter.fit()
-    for step, (a, b) in truth.items():
-        got = fitted.table[step]["mlp"]
-        assert got == pytest.approx([a, b], abs=1e-4), step
+    return fitter.fit()
+
+
+def test_fit_recovers_known_coefficients_from_synthetic_trajectories():
+    affine = {2: (-0.6, 1.6), 3: (-1.2, 2.2), 5: (0.3, 0.7)}        # each sums to 1, as extrapolations do
+    fitted = _fit_synthetic(affine)
+    for step, (a, b) in affine.items():
+        assert fitted.table[step]["mlp"] == pytest.approx([a, b], abs=1e-4), step
+    free = {2: (-0.7, 1.6), 3: (-1.2, 2.1), 5: (0.3, 0.8)}
+    unconstrained = _fit_synthetic(free, affine=False)
+    constrained = _fit_synthetic(free)
+    for step, (a, b) in free.items():
+        assert unconstrained.table[step]["mlp"] == pytest.approx([a, b], abs=1e-4), step
+        assert sum(constrained.table[step]["mlp"]) == pytest.approx(1.0, abs=1e-9), step
 
 
 def test_fitted_json_round_trip_and_clear_errors():
