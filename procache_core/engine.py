@@ -18,6 +18,7 @@ from torch import nn
 from .cache import CacheStore
 from .clock import StepClock
 from .families.base import Branch, BlockStack, FamilySpec, ProbeContext, forward_hooks, linear_params, resolve
+from .eoc import Correction, CorrectionState
 from .forecast import Forecaster, ForecastFitter, ForecastState, group_name
 from .policy import Policy
 from .schedule import StepKind
@@ -45,7 +46,8 @@ class Run:
 
     def __init__(self, policy: Policy, clock: StepClock, family: FamilySpec | None,
                  selector: TokenSelector | None = None, cache_device=None, model_name: str = "",
-                 forecaster: Forecaster | None = None, recorder: ForecastFitter | None = None):
+                 forecaster: Forecaster | None = None, recorder: ForecastFitter | None = None,
+                 eoc: Correction | None = None):
         self.policy = policy
         self.clock = clock
         self.family = family
@@ -54,6 +56,8 @@ class Run:
         # Forecasting (None: reuse copies the last full value) and calibration recording.
         self.forecast = ForecastState(forecaster) if forecaster is not None else None
         self.recorder = recorder
+        # EOC: reused values get the prior's drift since their fill step (None: plain reuse).
+        self.eoc = CorrectionState(eoc) if eoc is not None else None
         planned = [policy.step_kind(clock.offset + k) for k in range(clock.steps)]
         self.stats = RunStats(planned, mode=f"branch:{family.name}" if family else "model-level",
                               model=model_name)
@@ -239,6 +243,8 @@ class _Call:
             if cached is not None:
                 if kind == StepKind.SELECTIVE and rows is not None and tokens is not None and self._refreshes(branch):
                     return self._selective(index, branch, cached, tokens(), rows, full_cost)
+                if run.eoc is not None:
+                    cached = run.eoc.correct(self.streams, (index, branch.name), self.schedule_step, cached)
                 return cached
             if full is None:
                 raise CacheMiss((index, branch.name))
@@ -261,6 +267,8 @@ class _Call:
             slot = run.forecast.slot_for(key, self.schedule_step, self.sigma)
             run.cache.put(self.streams, key + ("history", slot), out)
             run.cache.discard(self.streams, key + ("correction",))
+        if run.eoc is not None:
+            run.eoc.filled(self.streams, key, self.schedule_step)
         if run.recorder is not None and out.ndim >= 2:
             group = group_name(branch.role, index, self._num_blocks, run.recorder.grouping)
             run.recorder.observe(self.streams, key, group, self.schedule_step, out)

@@ -30,7 +30,7 @@ def ddim_timesteps(steps: int, train_steps: int = TRAIN_STEPS) -> list[int]:
 @torch.no_grad()
 def sample(model: DiT, labels: torch.Tensor, steps: int = 50, cfg: float = 1.5, seed: int = 0,
            policy: Policy | None = None, selector: TokenSelector | None = None,
-           noise: torch.Tensor | None = None, return_run: bool = False, forecaster=None, recorder=None):
+           noise: torch.Tensor | None = None, return_run: bool = False, forecaster=None, recorder=None, eoc=None):
     """Deterministic DDIM (eta = 0). With `policy`, blocks run through the caching engine."""
     cfg_model = model.cfg
     n = labels.shape[0]
@@ -48,7 +48,7 @@ def sample(model: DiT, labels: torch.Tensor, steps: int = 50, cfg: float = 1.5, 
         family, _ = find_family(model)
         # The clock runs on timesteps: any decreasing per-step noise level works.
         run = Run(policy, StepClock([float(t) for t in ts] + [-1.0]), family, selector=selector,
-                  model_name="reference DiT", forecaster=forecaster, recorder=recorder)
+                  model_name="reference DiT", forecaster=forecaster, recorder=recorder, eoc=eoc)
     try:
         for i, t in enumerate(ts):
             inp = torch.cat([x, x]) if use_cfg else x
