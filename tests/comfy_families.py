@@ -401,8 +401,63 @@ MOCHI = Family(
     refreshed=lambda dm: [b.mlp_x.w1 for b in dm.blocks],
 )
 
+# ---- Wan image-to-video ---------------------------------------------------------------------------
+# (Wan text-to-video is tested with PixArt and Flux in test_comfy_selective.py.)
+_WAN_SMALL = {"image_model": "wan2.1", "dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 2, "text_dim": 32,
+              "freq_dim": 256, "patch_size": (1, 2, 2), "window_size": (-1, -1), "qk_norm": True,
+              "cross_attn_norm": True, "eps": 1e-6}
+
+
+def _wan21_i2v_config(version):
+    import comfy.supported_models as sm
+    # 36 input channels: the 16-channel latent, then the 4-channel mask and the 16-channel image latent
+    # that WAN21.concat_cond builds; model_type i2v adds the CLIP-vision projection and the
+    # cross-attention over image + text context
+    return sm.WAN21_I2V, dict(_WAN_SMALL, model_type="i2v", in_dim=36, out_dim=16)
+
+
+def _wan21_i2v_inputs(batch, gen):
+    """What WanImageToVideo puts on both conditionings: the encoded start image as the first frame of
+    a zero concat latent, a mask that marks the first latent frame as given, and a CLIP-vision
+    output (clip_fea, projected by the model's img_emb to extra cross-attention context)."""
+    import comfy.clip_vision
+    image = torch.zeros(1, 16, 3, 8, 8)
+    image[:, :, :1] = torch.randn(1, 16, 1, 8, 8, generator=gen)
+    mask = torch.ones(1, 1, 3, 8, 8)
+    mask[:, :, :1] = 0.0
+    clip_vision = comfy.clip_vision.Output()
+    clip_vision.penultimate_hidden_states = torch.randn(1, 5, 1280, generator=gen)
+    values = {"concat_latent_image": image, "concat_mask": mask, "clip_vision_output": clip_vision}
+    return torch.zeros(batch, 16, 3, 8, 8), _text(gen, 5, 32, **values), _text(gen, 5, 32, **values)
+
+
+def _wan22_ti2v_config(version):
+    import comfy.supported_models as sm
+    return sm.WAN22_T2V, dict(_WAN_SMALL, model_type="t2v", in_dim=48, out_dim=48)
+
+
+def _wan22_ti2v_inputs(batch, gen):
+    # Wan22ImageToVideoLatent: the encoded start image is the latent's first frame
+    latent = torch.zeros(batch, 48, 3, 8, 8)
+    latent[:, :, :1] = torch.randn(batch, 48, 1, 8, 8, generator=gen)
+    return latent, _text(gen, 5, 32), _text(gen, 5, 32)
+
+
+def _wan(name, config, inputs, **extra):
+    return Family(
+        name=name, config=config, inputs=inputs, spec="wan",
+        counted=lambda dm: [m for b in dm.blocks for m in (b.self_attn.q, b.cross_attn.q, b.ffn[0])],
+        replayed=lambda dm: [b.self_attn for b in dm.blocks],
+        refreshed=lambda dm: [b.ffn[0] for b in dm.blocks],
+        **extra)
+
+
+WAN21_I2V = _wan("wan21_i2v", _wan21_i2v_config, _wan21_i2v_inputs)
+# Wan 2.2 TI2V 5B: the kept first frame gets timestep 0 through the noise mask (per-frame modulation)
+WAN22_TI2V = _wan("wan22_ti2v", _wan22_ti2v_config, _wan22_ti2v_inputs, noise_mask=_first_frame_kept)
+
 FAMILIES = {f.name: f for f in (SD3, QWEN, QWEN_EDIT, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, HUNYUAN_IMAGE, CHROMA, HIDREAM, LTXV, LTXV_I2V, AURAFLOW, COSMOS,
-                                HUNYUAN_DIT, FLUX2, KANDINSKY5, MOCHI)}
+                                HUNYUAN_DIT, FLUX2, KANDINSKY5, MOCHI, WAN21_I2V, WAN22_TI2V)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

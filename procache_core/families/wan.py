@@ -53,11 +53,13 @@ def _cross_entropy(block, args, kwargs, ctx):
 
 
 def _is_wan(model) -> bool:
+    # Recognised by WanModel's own embeddings, not by the branch modules: a block that lost one of
+    # them is still Wan, and Apply then says which one changed.
     blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0 or not hasattr(model, "patch_embedding"):
+    if blocks is None or len(blocks) == 0:
         return False
-    first = blocks[0]
-    return all(hasattr(first, name) for name in ("self_attn", "cross_attn", "ffn", "modulation"))
+    return (all(hasattr(model, name) for name in ("patch_embedding", "text_embedding", "time_projection"))
+            and hasattr(blocks[0], "modulation"))
 
 
 WAN = FamilySpec(
