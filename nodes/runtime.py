@@ -203,21 +203,25 @@ def schedule_for_run(schedule: Schedule, sigmas: list[float], model_sampling) ->
     """
     steps = len(sigmas) - 1
     notes: list[str] = []
+    units = schedule.units          # a router's per-unit table follows the steps it belongs to
     if steps == schedule.steps:
         kinds = list(schedule.kinds)
     else:
         offset = _offset_in_full_schedule(schedule.steps, sigmas, model_sampling)
         if offset is not None:
             kinds = list(schedule.kinds[offset:offset + steps])
+            units = units[offset:offset + steps] if units is not None else None
             notes.append(f"this sampler runs steps {offset}..{offset + steps - 1} of the {schedule.steps}-step schedule")
         else:
             resampled = schedule.resampled(steps)
-            kinds = list(resampled.kinds)
+            kinds, units = list(resampled.kinds), resampled.units
             notes.append(resampled.notes[-1])
     if kinds[0] != StepKind.FULL:
         kinds[0] = StepKind.FULL
+    if units is not None:
+        units = ((True,) * len(units[0]),) + tuple(units[1:])
     return Schedule(kinds=tuple(kinds), name=schedule.name, family=schedule.family, sampler=schedule.sampler,
-                    provenance=schedule.provenance), notes
+                    provenance=schedule.provenance, units=units), notes
 
 
 def _offset_in_full_schedule(total: int, sigmas: list[float], model_sampling) -> int | None:

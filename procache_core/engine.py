@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -155,6 +156,14 @@ class _Call:
     def block_kind(self, index: int) -> StepKind:
         return self.run.policy.block_kind(self.schedule_step, index, self._num_blocks)
 
+    def branch_kind(self, index: int, branch: Branch) -> StepKind:
+        """The block's kind, refined per branch where the policy routes units (HarmoniCa)."""
+        kind = self.block_kind(index)
+        per_branch = getattr(self.run.policy, "branch_kind", None)
+        if kind == StepKind.FULL or per_branch is None:
+            return kind
+        return per_branch(self.schedule_step, index, self._num_blocks, branch.role)
+
     def _tap(self, index: int, block: nn.Module, branch: Branch):
         def make(original):
             def forward(*args, **kwargs):
@@ -165,7 +174,7 @@ class _Call:
                 if branch.token_wise and x is not None:
                     def rows(idx, tokens, kept):
                         return original(gather_tokens(tokens, idx), *args[1:], **kwargs)
-                return self.branch(index, block, branch, self.block_kind(index), like=x,
+                return self.branch(index, block, branch, self.branch_kind(index, branch), like=x,
                                    full=lambda: self._probed(index, block, branch.probes, original, args, kwargs),
                                    tokens=(lambda: token_rows(x)) if x is not None else None, rows=rows, inputs=args)
             return forward
@@ -179,17 +188,36 @@ class _Call:
                 kind = self.block_kind(index)
                 if kind == StepKind.FULL:
                     return self._probed(index, block, block_stack.probes, original, args, kwargs)
+                kinds = {name: self.branch_kind(index, b) for name, b in branches.items()}
+                if any(kinds[name] == StepKind.FULL and not b.token_wise for name, b in branches.items()):
+                    # a router computes an attention unit here: the block's own code runs, and the
+                    # taps reuse the branches routed off
+                    return original(*args, **kwargs)
 
                 def branch(name, like, tokens=None, rows=None):
-                    return self.branch(index, block, branches[name], kind, like=like, tokens=tokens, rows=rows)
+                    b, full = branches[name], None
+                    if kinds[name] == StepKind.FULL:        # a token-wise branch a router computes
+                        if tokens is None:
+                            raise CacheMiss((index, name))
+                        full = functools.partial(self._untapped, resolve(block, b.path), tokens)
+                    return self.branch(index, block, b, kinds[name], like=like, tokens=tokens, rows=rows, full=full)
                 branch.kind = kind          # families may skip input work that only refreshes need
                 try:
                     return block_stack.reuse_forward(block, branch, *args, **kwargs)
                 except CacheMiss:
+                    if any(k == StepKind.FULL for k in kinds.values()):
+                        return original(*args, **kwargs)    # routed: the taps decide per branch
                     self.work.misses += 1
                     return self._full_block(index, original, args, kwargs)
             return forward
         return make
+
+    def _untapped(self, module, tokens):
+        self._recomputing = True        # the module's tap hands straight to its own forward
+        try:
+            return module(tokens())
+        finally:
+            self._recomputing = False
 
     def _probed(self, index, block, probes, original, args, kwargs):
         """original(*args, **kwargs); where the selector's score is an attention score the family

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .schedule import Schedule, StepKind
+from .router import unit_columns
+from .schedule import Schedule, ScheduleError, StepKind
 
 
 class Policy(Protocol):
@@ -45,6 +46,27 @@ class SchedulePolicy:
 
     def block_kind(self, step: int, block: int, num_blocks: int) -> StepKind:
         kind = self.step_kind(step)
+        if self.schedule.units is not None and kind != StepKind.FULL:
+            # a router's step: the block runs whole when both its units compute
+            row = self._unit_row(step, num_blocks)
+            return StepKind.FULL if row[2 * block] and row[2 * block + 1] else StepKind.REUSE
         if kind == StepKind.SELECTIVE and block < self.first_deep_block(num_blocks):
             return StepKind.REUSE
         return kind
+
+    def branch_kind(self, step: int, block: int, num_blocks: int, role: str) -> StepKind:
+        """What one branch of `role` does; a schedule with a unit table (a router) decides per
+        unit (router.unit_columns: attention vs MLP; cross-attention is not routed)."""
+        kind = self.block_kind(step, block, num_blocks)
+        if self.schedule.units is None or kind == StepKind.FULL:
+            return kind
+        columns = unit_columns(block, role)
+        row = self._unit_row(step, num_blocks)
+        return StepKind.FULL if not columns or any(row[c] for c in columns) else StepKind.REUSE
+
+    def _unit_row(self, step: int, num_blocks: int) -> tuple[bool, ...]:
+        row = self.schedule.units[step]
+        if len(row) != 2 * num_blocks:
+            raise ScheduleError(f"the router has {len(row)} units per step but this model has {num_blocks} blocks "
+                                f"({2 * num_blocks} units): it was trained for another model")
+        return row

@@ -116,7 +116,10 @@ class Schedule:
             kinds[-1] = StepKind.FULL
         if kinds == list(self.kinds):
             return self
-        return dataclasses.replace(self, kinds=tuple(kinds), units=None)
+        units = self.units
+        if units is not None:       # a router's forced steps compute every unit
+            units = tuple((True,) * len(row) if k == StepKind.FULL else row for k, row in zip(kinds, units))
+        return dataclasses.replace(self, kinds=tuple(kinds), units=units)
 
     def resampled(self, steps: int) -> "Schedule":
         """The same pattern stretched or squeezed to another step count.
@@ -128,6 +131,8 @@ class Schedule:
             return self
         if not 1 <= steps <= MAX_STEPS:
             raise ScheduleError(f"cannot resample to {steps} steps")
+        if self.units is not None:
+            return self._units_resampled(steps)
         segments = [length for length, _ in full_step_segments(self.kinds)]
         budget = min(steps, max(1, round(len(segments) * steps / self.steps)))
         # Sample the old interval profile at the centre of each new segment, scale it to the new
@@ -149,6 +154,17 @@ class Schedule:
         note = (f"resampled from {self.steps} to {steps} steps: {len(segments)} -> {budget} full steps, "
                 f"intervals kept non-increasing")
         return dataclasses.replace(self, kinds=tuple(pattern), notes=self.notes + (note,), units=None)
+
+    def _units_resampled(self, steps: int) -> "Schedule":
+        # A router is trained for one step count; another count takes, for each new step, the
+        # row of the nearest old step by position in the run (the first step still computes).
+        old = self.steps
+        rows = [self.units[0 if steps == 1 else round(i * (old - 1) / (steps - 1))] for i in range(steps)]
+        rows[0] = (True,) * len(rows[0])
+        kinds = tuple(StepKind.FULL if all(r) else StepKind.REUSE for r in rows)
+        note = (f"router resampled from {self.steps} to {steps} steps (nearest step's units); a router is "
+                "trained for one step count, train one for {steps} steps for best results").replace("{steps}", str(steps))
+        return dataclasses.replace(self, kinds=kinds, units=tuple(rows), notes=self.notes + (note,))
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict:

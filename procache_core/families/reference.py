@@ -27,8 +27,8 @@ def block_reuse(block, branch, x, c):
     x = torch.addcmul(x, g1.unsqueeze(1), branch("attn", like=x))     # x + g1 * attn, one pass
     if getattr(branch, "kind", None) == StepKind.SELECTIVE:
         mlp = block.mlp(block.norm2(x) * (1 + sc2.unsqueeze(1)) + sh2.unsqueeze(1))
-    else:
-        mlp = branch("mlp", like=x)
+    else:       # tokens: the MLP's input, for a router that computes the MLP while the attention is reused
+        mlp = branch("mlp", like=x, tokens=lambda: block.norm2(x) * (1 + sc2.unsqueeze(1)) + sh2.unsqueeze(1))
     return torch.addcmul(x, g2.unsqueeze(1), mlp)
 
 

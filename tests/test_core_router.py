@@ -1,0 +1,239 @@
+"""HarmoniCa routers: mask semantics, the engine's per-unit execution, SDT + IEPO training, files."""
+import dataclasses
+
+import pytest
+import torch
+
+from procache_core import Schedule, SchedulePolicy, ScheduleError, StepKind, find_family
+from procache_core.reference.dit import DiT, DiTConfig
+from procache_core.reference.sampling import sample
+from procache_core.router import Router, unit_columns
+from procache_core.router_training import ReferenceProblem, RouterTrainer, SigmaProblem, TrainingConfig, TrainingState
+
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(depth=2):
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(image_size=8, hidden=32, depth=depth, heads=2))
+    model.reset_parameters(zero_gates=False)
+    return model.eval()
+
+
+def _trainer(model, **config):
+    family, _ = find_family(model)
+    problem = ReferenceProblem(model, STEPS, batch=2, seed=3)
+    defaults = dict(iterations=3 * STEPS, beta=1e-3, lr=0.05, lambda_period=2 * STEPS)
+    return RouterTrainer(problem, family, TrainingConfig(**{**defaults, **config}))
+
+
+# ---- mask semantics ------------------------------------------------------------------------------
+def test_mask_is_sigmoid_above_tau_and_the_first_step_always_computes():
+    logits = torch.tensor([[-5.0, -5.0], [0.0, -1.0], [-2.0, 3.0]])
+    router = Router(logits, tau=0.1)
+    # sigmoid(0) = 0.5, sigmoid(-1) = 0.27, sigmoid(-2) = 0.12, sigmoid(3) = 0.95
+    assert router.mask().tolist() == [[True, True], [True, True], [True, True]]
+    assert Router(logits, tau=0.3).mask().tolist() == [[True, True], [True, False], [False, True]]
+    assert Router(logits, tau=0.6).mask().tolist() == [[True, True], [False, False], [False, True]]
+    assert Router(logits, tau=0.3).cache_usage_ratio() == pytest.approx(2 / 6)
+    with pytest.raises(ScheduleError):
+        Router(torch.zeros(3, 3))            # not (attention, MLP) pairs
+    with pytest.raises(ScheduleError):
+        Router(torch.zeros(3, 2), tau=1.0)
+
+
+def test_router_schedule_kinds_and_unit_order():
+    router = Router(torch.tensor([[-5.0] * 4, [5.0] * 4, [5.0, -5.0, 5.0, 5.0]]), tau=0.1)
+    schedule = router.to_schedule()
+    assert schedule.pattern == "110"        # a step with any unit reused is not a full step
+    assert schedule.units[2] == (True, False, True, True)
+    assert Schedule.from_json(schedule.to_json()).units == schedule.units
+    assert unit_columns(1, "self_attention") == (2,) and unit_columns(1, "mlp") == (3,)
+    assert unit_columns(1, "fused") == (2, 3) and unit_columns(1, "cross_attention") == ()
+    # windowing forces every unit of the forced steps; resampling keeps units row by row
+    windowed = schedule.windowed(0.0, 0.5, force_last_full=True)
+    assert windowed.units[2] == (True,) * 4 and windowed.pattern == "111"
+    stretched = schedule.resampled(5)
+    assert stretched.steps == 5 and stretched.units[0] == (True,) * 4 and stretched.units[-1] == schedule.units[2]
+
+
+# ---- the engine honours units --------------------------------------------------------------------
+def _units(rows):
+    return tuple(tuple(bool(int(c)) for c in row) for row in rows)
+
+
+def test_engine_runs_exactly_the_routed_units():
+    model = _model(depth=2)
+    labels = torch.tensor([1, 7])
+    rows = ["1111", "0110", "1000", "0001", "0000", "1111"]
+    schedule = Schedule(kinds=(1, 0, 0, 0, 0, 1), units=_units(rows))
+    images, run = sample(model, labels, STEPS, 1.5, seed=4, policy=SchedulePolicy(schedule), return_run=True)
+    # one call per step on the [cond; uncond] batch: one count per computed branch
+    assert run.branch_calls == [row.count("1") for row in rows]
+    assert run.stats.summary()["misses"] == 0
+    full = sample(model, labels, STEPS, 1.5, seed=4)
+    assert not torch.allclose(images, full)
+    all_on = Schedule(kinds=(1,) * STEPS, units=_units(["1111"] * STEPS))
+    assert torch.equal(sample(model, labels, STEPS, 1.5, seed=4, policy=SchedulePolicy(all_on)), full)
+
+
+def test_hard_routing_equals_soft_blending_with_zero_one_weights():
+    # Two implementations of one rule: the engine's per-branch reuse, and the trainer's blend
+    # r * fresh + (1 - r) * cache with r in {0, 1} (cache written where r > tau).
+    model = _model(depth=2)
+    trainer = _trainer(model)
+    rows = ["1111", "1010", "0101", "0011", "1100", "0000"]
+    mask = torch.tensor([[float(c) for c in row] for row in rows])
+    with trainer.units.attached():
+        soft = trainer.sample_with(list(mask), trajectory=0)
+    noise = trainer.problem.start(0)
+    labels = trainer.problem.labels
+    schedule = Schedule(kinds=(1,) + (0,) * (STEPS - 1), units=_units(rows))
+    hard = sample(model, labels, STEPS, 1.5, noise=noise, policy=SchedulePolicy(schedule))
+    assert torch.allclose(hard, soft, atol=1e-5)
+
+
+def test_a_router_for_another_model_is_refused():
+    schedule = Schedule(kinds=(1, 0), units=_units(["11", "10"]))      # 1 block; the model has 2
+    with pytest.raises(ScheduleError, match="units"):
+        sample(_model(depth=2), torch.tensor([0]), 2, 1.5, policy=SchedulePolicy(schedule))
+
+
+# ---- IEPO and SDT --------------------------------------------------------------------------------
+def test_lambda_is_near_zero_when_every_step_computes_and_both_modes_agree_on_one_cached_step():
+    model = _model()
+    trainer = _trainer(model)
+    with torch.no_grad():
+        trainer.logits.fill_(5.0)
+    with trainer.units.attached():
+        near = trainer.image_error_proxy(0)
+        with torch.no_grad():
+            trainer.logits.fill_(50.0)        # sigmoid = 1 exactly: caching off
+            trainer.logits[2] = -2.0          # caching on at step 2 only
+        code = trainer.image_error_proxy(0)
+    paper = _trainer(model, lambda_mode="paper")
+    with torch.no_grad():
+        paper.logits.copy_(trainer.logits)
+    with paper.units.attached():
+        by_paper = paper.image_error_proxy(0)
+    assert (near >= 0).all() and float(near.max()) < 1e-3
+    assert float(code[2]) > 100 * float(near[2])
+    assert torch.allclose(code, by_paper, rtol=1e-5, atol=1e-12)
+    assert float(code[1]) == 0.0 and float(code[3:].abs().max()) == 0.0
+
+
+def test_paper_and_code_lambdas_differ_when_several_steps_cache():
+    model = _model()
+    code, paper = _trainer(model), _trainer(model, lambda_mode="paper")
+    with code.units.attached():
+        a = code.image_error_proxy(0)
+    with paper.units.attached():
+        b = paper.image_error_proxy(0)
+    assert (a >= 0).all() and (b >= 0).all() and a[0] == 0 and b[0] == 0
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("mode", ["code", "paper"])
+def test_a_few_iterations_reduce_the_distillation_loss(mode):
+    # beta 0: the loss is lambda * MSE(teacher, student) only, which training must lower
+    trainer = _trainer(_model(), beta=0.0, lr=0.2, iterations=6 * STEPS, lambda_period=10 ** 6, lambda_mode=mode)
+    router = trainer.run()
+    losses = trainer.state.losses
+    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
+    assert router.steps == STEPS and router.units == 4
+    assert router.metadata["lambda_mode"] == mode and float(router.metadata["beta"]) == 0.0
+
+
+def test_beta_raises_the_cache_usage_ratio_and_training_is_deterministic():
+    low = _trainer(_model(), beta=0.0, lr=0.2, iterations=4 * STEPS).run()
+    high = _trainer(_model(), beta=1.0, lr=0.2, iterations=4 * STEPS).run()
+    again = _trainer(_model(), beta=1.0, lr=0.2, iterations=4 * STEPS).run()
+    assert high.cache_usage_ratio() > low.cache_usage_ratio()
+    assert torch.equal(high.logits, again.logits)
+    assert (high.logits[0] == 5.0).all() and float(high.logits.abs().max()) <= 5.0
+
+
+def test_resume_from_a_saved_state_continues_the_same_run():
+    whole = _trainer(_model(), iterations=4 * STEPS)
+    whole.run()
+    first = _trainer(_model(), iterations=2 * STEPS)
+    first.run()
+    state, meta = TrainingState.from_bytes(first.state_bytes())
+    assert state.iteration == 2 * STEPS and state.trajectory == 2 and "config" in meta
+    model = _model()
+    family, _ = find_family(model)
+    resumed = RouterTrainer(ReferenceProblem(model, STEPS, batch=2, seed=3), family,
+                            dataclasses.replace(whole.config), state=state)
+    resumed.run()
+    assert torch.allclose(resumed.router().logits, whole.router().logits, atol=1e-6)
+    assert resumed.state.losses == pytest.approx(whole.state.losses, rel=1e-5)
+
+
+def test_an_interrupted_run_keeps_the_last_trajectory_boundary():
+    trainer = _trainer(_model(), iterations=4 * STEPS)
+
+    def stop(iteration, total, info):
+        if iteration == 2 * STEPS + 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(progress=stop)
+    state, _ = TrainingState.from_bytes(trainer.state_bytes())
+    assert state.trajectory == 2 and state.iteration == 2 * STEPS
+
+
+def test_sigma_problem_euler_matches_ddim_and_trains():
+    # k-diffusion Euler on sigma = sqrt((1 - a) / a) with x scaled by 1 / sqrt(a) is DDIM
+    model = _model()
+    ref = ReferenceProblem(model, STEPS, batch=2, seed=5)
+    from procache_core.reference.sampling import alphas_cumprod
+    acp = alphas_cumprod().float()
+    ts = ref.timesteps
+    sig = [float(((1 - acp[t]) / acp[t]).sqrt()) for t in ts] + [0.0]
+
+    def denoise(x, sigma):
+        k = sig.index(sigma)
+        a = acp[ts[k]]
+        eps = ref.predict(x * a.sqrt(), k)
+        return x - sigma * eps
+    problem = SigmaProblem(model, denoise, torch.tensor(sig), lambda j: ref.start(j) * (1 + sig[0] ** 2) ** 0.5)
+    x = problem.start(0)            # x_T / sqrt(a_T)
+    y = ref.start(0)
+    for k in range(STEPS):
+        x = problem.advance(x, problem.predict(x, k), k)
+        y = ref.advance(y, ref.predict(y, k), k)
+    assert torch.allclose(x, y, atol=1e-4)
+    family, _ = find_family(model)
+    router = RouterTrainer(problem, family, TrainingConfig(iterations=2 * STEPS, lambda_period=STEPS)).run()
+    assert router.steps == STEPS
+
+
+# ---- files ----------------------------------------------------------------------------------------
+def test_safetensors_and_text_round_trips_are_exact(tmp_path):
+    router = Router(torch.randn(5, 6) * 3, tau=0.15,
+                    metadata={"model": "DiT", "sampler": "ddim", "steps": 5, "cfg": 1.5, "beta": 1e-4})
+    path = tmp_path / "r.safetensors"
+    router.save(str(path))
+    for back in (Router.load(str(path)), Router.from_text(router.to_text())):
+        assert torch.equal(back.logits, router.logits)
+        assert back.tau == 0.15 and back.metadata["sampler"] == "ddim" and back.metadata["cfg"] == "1.5"
+        assert back.to_schedule().units == router.to_schedule().units
+    with pytest.raises(ScheduleError):
+        Router.from_bytes(b"not a file")
+    with pytest.raises(ScheduleError):
+        Router.from_text('{"format": "procache.router", "version": 1, "shape": [2, 2], "tau": 0.1, '
+                         '"logits_float32_base64": "AAAA"}')
+
+
+def test_authors_checkpoint_rows_are_reversed():
+    routers = {"0.prob": torch.tensor([1.0, 2.0]), "1.prob": torch.tensor([3.0, 4.0]),
+               "2.prob": torch.tensor([5.0, 5.0])}
+    router = Router.from_authors_checkpoint(routers)
+    assert router.logits.tolist() == [[5.0, 5.0], [3.0, 4.0], [1.0, 2.0]]
