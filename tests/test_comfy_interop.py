@@ -1,7 +1,7 @@
 """ProCache next to the rest of a user's graph, inside a real ComfyUI (tiny Flux, random weights):
 LoRA patches (before and after Apply), TorchCompileModel's wrapper (before and after Apply), a
-second sampler continuing the first, ComfyUI's EasyCache / LazyCache on the same model, and
-bf16 / fp16 / fp8 (manual cast) weights."""
+second sampler continuing the first, ComfyUI's EasyCache / LazyCache on the same model,
+bf16 / fp16 / fp8 (manual cast) weights, and a Flux ControlNet applied by ControlNetApplyAdvanced."""
 import logging
 
 import pytest
@@ -218,3 +218,106 @@ def test_low_precision_weights(pack, weight_dtype, compute_dtype):
     run = LAST_RUNS.latest()
     assert run["mode"] == "branch:flux" and run["counts"] == {"full": 1, "selective": 1, "reuse": 2}
     assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+
+
+# ---- ControlNet ------------------------------------------------------------------------------------
+def _flux_controlnet(seed=5):
+    """A tiny XLabs-style Flux ControlNet built as comfy.controlnet's Flux loader builds one
+    (ComfyUI's ControlNetFlux wrapped in comfy.controlnet.ControlNet), with random weights: it runs
+    the tiny Flux's double and single blocks on the latent plus the embedded hint image and returns
+    a residual for every block of the main model."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+    _, unet_config = comfy_env.tiny_config("flux")
+    model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, device=torch.device("cpu"),
+                                                     dtype=torch.float32, **unet_config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return comfy.controlnet.ControlNet(model, load_device=torch.device("cpu"), manual_cast_dtype=None,
+                                      extra_conds=["y", "guidance"])
+
+
+def _controlled_conds(control_net, seed=0, strength=1.0):
+    """The tiny Flux conditioning with the ControlNet attached by ComfyUI's ControlNetApplyAdvanced."""
+    import nodes
+    latent, pos, neg = comfy_env.latent_and_conds("flux", seed=seed)
+    hint = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(seed + 3))     # an IMAGE (B, H, W, C)
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control_net, hint, strength, 0.0, 1.0)
+    return latent, pos, neg
+
+
+def _sample_with(patcher, conds, steps=4, seed=0):
+    import comfy.sample
+    latent, pos, neg = conds
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(patcher, noise, steps, 2.0, "euler", "simple", pos, neg, latent, seed=seed,
+                               disable_pbar=True)
+
+
+def test_controlnet_all_full_equals_the_controlled_model(pack):
+    mp = comfy_env.make_patcher("flux")
+    controlled = _controlled_conds(_flux_controlnet())
+    plain = _sample_with(mp, controlled)
+    assert not torch.allclose(plain, _sample_with(mp, comfy_env.latent_and_conds("flux")), atol=1e-4)   # it acts
+    assert torch.equal(_sample_with(_attach(mp, FULL), controlled), plain)
+    assert not [n for n, m in mp.model.diffusion_model.named_modules() if "forward" in m.__dict__]
+
+
+def _replayed_branches(mp, conds, steps=3, control_net=None):
+    """ComfyUI's own Flux with every cached branch output (attention projections, MLPs, single
+    blocks' linear2) replayed from the first step; with `control_net`, its residuals after the
+    first step are replaced by zeros (a ControlNet that only acted on the full step)."""
+    dm = mp.model.diffusion_model
+    branch_outputs = ([m for b in dm.double_blocks for m in (b.img_attn.proj, b.img_mlp, b.txt_attn.proj, b.txt_mlp)]
+                      + [b.linear2 for b in dm.single_blocks])
+    seen, calls = {}, []
+
+    def replay(key):
+        def hook(module, args, output):
+            return seen.setdefault(key, output)
+        return hook
+
+    def first_step_only(module, args, output):
+        calls.append(1)
+        if len(calls) > 1:
+            return {k: [None if x is None else torch.zeros_like(x) for x in v] for k, v in output.items()}
+    hooks = [m.register_forward_hook(replay(i)) for i, m in enumerate(branch_outputs)]
+    if control_net is not None:
+        hooks.append(control_net.control_model.register_forward_hook(first_step_only))
+    try:
+        return _sample_with(mp, conds, steps=steps)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_controlnet_residuals_apply_on_reuse_steps(pack):
+    """Flux adds the ControlNet's residuals after each block in its own forward, outside the cached
+    branches: on a reuse step the block adds its cached branch outputs and then the residual of
+    this step's ControlNet call. The reference is ComfyUI's own model with the cached branch
+    outputs replayed from the full step (forward hooks); the ControlNet runs at every step."""
+    from procache_comfyui.nodes.runtime import LAST_RUNS
+    mp = comfy_env.make_patcher("flux")
+    control_net = _flux_controlnet()
+    controlled = _controlled_conds(control_net)
+    calls = []
+    counter = control_net.control_model.register_forward_hook(lambda m, a, o: calls.append(a))
+    try:
+        cached = _sample_with(_attach(mp, (1, 0, 0)), controlled, steps=3)
+    finally:
+        counter.remove()
+    run = LAST_RUNS.latest()
+    assert run["mode"] == "branch:flux" and run["counts"]["reuse"] == 2
+    assert len(calls) == 3                      # one (batched) ControlNet call per step, reuse steps too
+    assert torch.isfinite(cached).all()
+
+    reference = _replayed_branches(mp, controlled)
+    assert torch.allclose(cached, reference, atol=1e-5, rtol=1e-5), (cached - reference).abs().max()
+    # the residuals of the two reuse steps matter: without them the result is another one
+    full_step_control_only = _replayed_branches(mp, controlled, control_net=control_net)
+    assert not torch.allclose(cached, full_step_control_only, atol=1e-4)
+    assert not torch.allclose(cached, _sample_with(_attach(mp, (1, 0, 0)), comfy_env.latent_and_conds("flux"), steps=3),
+                              atol=1e-4)
