@@ -8,6 +8,7 @@ run that pre-ranks a large pool of candidates, so only the most promising few ar
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import time
@@ -202,6 +203,11 @@ class ProCacheScheduleSearch(io.ComfyNode):
                                 tooltip="Save the result in the user schedule library under this name (letters, "
                                         "digits, '-', '_', '.'); it then appears in the Schedule Loader as "
                                         "user/<name>. Empty: do not save."),
+                io.String.Input("searched", multiline=True, default="", optional=True,
+                                tooltip="Filled in after a search: the result as schedule JSON, saved with the "
+                                        "workflow. While the settings above match it, the node returns it without "
+                                        "searching again, so a shared workflow reproduces the run. Clear it to "
+                                        "search again (e.g. after changing the prompt or the model)."),
             ],
             outputs=[
                 SCHEDULE.Output(display_name="schedule", tooltip="The searched schedule; connect to ProCache Apply."),
@@ -228,11 +234,22 @@ class ProCacheScheduleSearch(io.ComfyNode):
     @classmethod
     def execute(cls, model, sampler_name, scheduler, steps, cfg, positive, negative, latent_image, seed, seeds,
                 candidates, full_steps, target_speedup, min_interval, max_interval, selective, prerank_pool,
-                save_name) -> io.NodeOutput:
+                save_name, searched="") -> io.NodeOutput:
         constraints = constraints_from(steps, full_steps, target_speedup, min_interval, max_interval)
         mode, sentence = describe_model(model)
         if mode == "none":
             raise ScheduleError(sentence)
+        settings = {"model": type(model.model.model_config).__name__, "sampler": sampler_name, "scheduler": scheduler,
+                    "steps": steps, "cfg": cfg, "seed": seed, "seeds": seeds, "candidates": candidates,
+                    "full_steps": full_steps, "target_speedup": target_speedup, "min_interval": min_interval,
+                    "max_interval": max_interval, "selective": selective, "prerank_pool": prerank_pool}
+        stored = _stored_result(searched, settings)
+        if stored is not None:
+            report = f"reused the stored search result (settings unchanged): {describe(stored)}"
+            return io.NodeOutput(stored, stored.pattern, note_image(["Stored search result reused",
+                                                                     "(clear 'searched' to search again)",
+                                                                     stored.pattern]), report,
+                                 ui={"text": [report], "pattern": [stored.pattern], "searched": [searched]})
         space = count_partitions(constraints)
         pool = min(prerank_pool, space)
         runs = 1 + min(candidates, space) + 1 + (1 if selective else 0)
@@ -276,14 +293,39 @@ class ProCacheScheduleSearch(io.ComfyNode):
             "measured_speedup": round(result.speedup(final), 4),
             "full_steps": constraints.full_steps, "min_interval": constraints.min_interval,
             "max_interval": constraints.max_interval, "candidates": len(result.candidates),
-            "prerank_pool": len(result.pool), "selective": selective, "draw_seed": seed}}
+            "prerank_pool": len(result.pool), "selective": selective, "draw_seed": seed, "settings": settings}}
         report = report_text(result, schedule, space)
         if save_name:
             path = library.save_user(schedule, save_name, extra=metadata)
             report += f"\nsaved as user/{save_name} ({path})"
         log.info("ProCache search: %s", report.splitlines()[0])
+        stored_text = json.dumps({**schedule.to_dict(), **metadata}, indent=1)
         return io.NodeOutput(schedule, schedule.pattern, plot(result), report,
-                             ui={"text": [report], "pattern": [schedule.pattern]})
+                             ui={"text": [report], "pattern": [schedule.pattern], "searched": [stored_text]})
+
+
+def _stored_result(text: str, settings: dict) -> Schedule | None:
+    """The schedule in the node's `searched` text, if it was searched with these settings."""
+    if not text or not text.strip():
+        return None
+    try:
+        doc = json.loads(text)
+        schedule = Schedule.from_dict(doc, where="searched")
+    except (ValueError, ScheduleError) as e:
+        log.warning("ProCache: the search node's stored result is unusable (%s); searching again", e)
+        return None
+    if not isinstance(doc.get("search"), dict) or doc["search"].get("settings") != settings:
+        log.info("ProCache: search settings changed since the stored result; searching again")
+        return None
+    return schedule
+
+
+def note_image(lines: list[str], width: int = 640, height: int = 160) -> torch.Tensor:
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((20, 20 + 30 * i), line, fill="black")
+    return torch.from_numpy(numpy.asarray(img, dtype=numpy.float32) / 255.0)[None]
 
 
 def sigma_weights(model, scheduler: str, steps: int) -> list[float] | None:

@@ -74,6 +74,25 @@ def test_search_saves_a_schedule_the_loader_gives_back(pack, inputs, user_folder
     assert not any(k.startswith("procache") for by_key in inputs["model"].wrappers.values() for k in by_key)
 
 
+def test_stored_result_travels_in_the_workflow_and_is_reused_while_settings_match(pack, inputs, monkeypatch):
+    out = _search(pack, inputs)
+    stored = out.ui["searched"][0]
+    doc = json.loads(stored)
+    assert doc["pattern"] == [int(c) for c in out.args[1]] and doc["search"]["settings"]["steps"] == STEPS
+    ran = []
+    monkeypatch.setattr(pack, "search", lambda *a, **k: ran.append(1) or pytest.fail("searched again"))
+    reused = _search(pack, inputs, searched=stored)
+    assert reused.args[1] == out.args[1] and "reused" in reused.args[3] and not ran
+    monkeypatch.undo()
+    # other settings (or unusable text) search again rather than hand back a stale schedule
+    calls = []
+    real = pack.search
+    monkeypatch.setattr(pack, "search", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _search(pack, inputs, searched=stored, cfg=3.0)
+    _search(pack, inputs, searched=stored[:-5])
+    assert len(calls) == 2
+
+
 def test_searched_candidates_are_what_apply_and_ksampler_give(pack, inputs):
     """The winner's reported error is reproduced by ProCache Apply + a plain sampler run."""
     from procache_comfyui.nodes import runtime
