@@ -321,3 +321,77 @@ def test_controlnet_residuals_apply_on_reuse_steps(pack):
     assert not torch.allclose(cached, full_step_control_only, atol=1e-4)
     assert not torch.allclose(cached, _sample_with(_attach(mp, (1, 0, 0)), comfy_env.latent_and_conds("flux"), steps=3),
                               atol=1e-4)
+
+
+# ---- low-VRAM partial loading ----------------------------------------------------------------------
+def _load_partially(monkeypatch, budget):
+    """ComfyUI loads a model partially when the GPU lacks room for its weights: load_models_gpu
+    hands LoadedModel.model_load a weight budget below the model's size, and ModelPatcher.load
+    keeps the modules that do not fit on the offload device with comfy_cast_weights on (each
+    forward casts its weight to the compute device) and their LoRA patches as LowVramPatch weight
+    functions applied at that cast. On a CPU-only ComfyUI the budget is always 'everything'; this
+    passes `budget` bytes instead, so the real partial-load code runs (load and offload devices
+    are both the CPU, so the casts copy without moving)."""
+    import comfy.model_management
+    full_load = comfy.model_management.LoadedModel.model_load
+
+    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
+        # as load_models_gpu does: the memory to use beyond what is loaded already, never 0 ('all')
+        more = max(0.1, budget - self.model_loaded_memory())
+        return full_load(self, more, force_patch_weights=force_patch_weights)
+    monkeypatch.setattr(comfy.model_management.LoadedModel, "model_load", model_load)
+
+
+def _cast_state(dm):
+    """(modules casting their weights per forward, of them with LoRA weight functions, modules
+    loaded as usual) among the modules that can cast."""
+    castable = [m for m in dm.modules() if hasattr(m, "comfy_cast_weights")]
+    cast = [m for m in castable if m.comfy_cast_weights]
+    patched = [m for m in cast if any(type(f).__name__ == "LowVramPatch" for f in m.weight_function)]
+    return len(cast), len(patched), len(castable) - len(cast)
+
+
+def test_low_vram_partial_load_with_lora(pack, monkeypatch):
+    import comfy.model_management
+    from procache_comfyui.nodes.runtime import LAST_RUNS
+    mp = comfy_env.make_patcher("flux")
+    lora = mp.clone()
+    lora.add_patches(_lora_patches(mp), 1.0)
+    loaded_fully = comfy_env.sample(lora, "flux", steps=3)
+    cached_loaded_fully = comfy_env.sample(_attach(lora, (1, 0, 2)), "flux", steps=3)
+
+    dm = mp.model.diffusion_model
+    states = []
+    probe = dm.register_forward_pre_hook(lambda module, args: states.append(_cast_state(module)))
+    counted = ([m for b in dm.double_blocks for m in (b.img_attn.qkv, b.img_mlp[0], b.txt_attn.qkv)]
+               + [b.linear1 for b in dm.single_blocks])
+    calls = []
+    counters = [m.register_forward_hook(lambda module, a, o: calls.append(module.comfy_cast_weights)) for m in counted]
+    try:
+        comfy.model_management.unload_all_models()      # a loaded model is not reloaded for a smaller budget
+        _load_partially(monkeypatch, budget=lora.model_size() // 3)
+        plain = comfy_env.sample(lora, "flux", steps=3)
+        cast, patched, loaded = states[-1]
+        assert cast > 0 and patched > 0 and loaded > 0          # partly loaded, partly cast per module
+        calls.clear()
+        full = comfy_env.sample(_attach(lora, FULL[:3]), "flux", steps=3)
+        full_calls, full_cast = len(calls), set(calls)
+        calls.clear()
+        reused = comfy_env.sample(_attach(lora, (1, 0, 0)), "flux", steps=3)
+        reuse_calls = len(calls)
+        assert states[-1][:2] == (cast, patched)                # ProCache's runs were loaded partially too
+        cached = comfy_env.sample(_attach(lora, (1, 0, 2)), "flux", steps=3)
+        run = LAST_RUNS.latest()
+    finally:
+        probe.remove()
+        for h in counters:
+            h.remove()
+        comfy.model_management.unload_all_models()          # weights patched back, casts wiped
+    assert torch.equal(plain, loaded_fully)      # the LoRA patches computed at each cast are the same weights
+    assert torch.equal(full, plain)
+    assert full_cast == {True, False}           # the counted branches: some cast per forward, some loaded
+    assert full_calls == 3 * len(counted) and reuse_calls == len(counted)
+    assert torch.isfinite(reused).all() and not torch.equal(reused, plain)
+    assert run["mode"] == "branch:flux" and run["counts"] == {"full": 1, "selective": 1, "reuse": 1}
+    assert torch.equal(cached, cached_loaded_fully)
+    assert _cast_state(dm)[0] == 0
