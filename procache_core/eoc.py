@@ -29,7 +29,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from typing import Hashable, Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import torch
 
@@ -290,9 +290,13 @@ class Correction:
 
     gamma: correction strength (0 = plain reuse). threshold: minimum relative prior drift E.
     min_gain: minimum expected share of the reuse error removed (None: judge on E alone).
+    end: only steps before this share of the prior's steps are corrected (on the reference DiT the
+        correction helps the early steps and not the late ones, see docs/eoc.md).
+    steps: only these schedule steps are corrected (None: any step), e.g. from `judge_by_trial`.
     """
 
-    def __init__(self, prior: Prior, gamma: float = 0.5, threshold: float = 0.0, min_gain: float | None = 0.0):
+    def __init__(self, prior: Prior, gamma: float = 0.5, threshold: float = 0.0, min_gain: float | None = 0.0,
+                 steps: Iterable[int] | None = None, end: float = 1.0):
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0.0 <= gamma <= 2.0):
             raise EOCError(f"gamma must be between 0 and 2, got {gamma}")
         if threshold < 0:
@@ -301,7 +305,15 @@ class Correction:
         self.gamma = float(gamma)
         self.threshold = float(threshold)
         self.min_gain = None if min_gain is None else float(min_gain)
+        self.steps = None if steps is None else frozenset(int(k) for k in steps)
+        if not 0.0 <= end <= 1.0:
+            raise EOCError(f"end must be between 0 and 1, got {end}")
+        self.end = float(end)
         self._judged: dict = {}
+
+    def restricted(self, steps: Iterable[int] | None) -> "Correction":
+        """The same correction, on `steps` only."""
+        return Correction(self.prior, self.gamma, self.threshold, self.min_gain, steps, self.end)
 
     def __deepcopy__(self, memo):
         return self
@@ -319,6 +331,8 @@ class Correction:
         means = self.prior.means
         now, then = means.get((stream, step, unit)), means.get((stream, fill, unit))
         if now is None or then is None or now.shape != then.shape or self.gamma == 0.0:
+            return False, 0.0, None
+        if (self.steps is not None and step not in self.steps) or step >= self.end * self.prior.steps:
             return False, 0.0, None
         drift_sq = _mean_square(now - then)
         base_sq = _mean_square(then)
@@ -363,7 +377,56 @@ class Correction:
 
     def describe(self) -> str:
         gain = "off" if self.min_gain is None else f"> {self.min_gain:g}"
-        return f"EOC gamma {self.gamma:g}, drift >= {self.threshold:g}, expected gain {gain}; {self.prior.describe()}"
+        steps = "" if self.steps is None else f", steps {_ranges(sorted(self.steps))}"
+        steps += "" if self.end >= 1.0 else f", first {self.end:.0%} of the steps"
+        return (f"EOC gamma {self.gamma:g}, drift >= {self.threshold:g}, expected gain {gain}{steps}; "
+                f"{self.prior.describe()}")
+
+
+def _ranges(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    parts, start = [], steps[0]
+    for prev, cur in zip(steps, steps[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(parts)
+
+
+def judge_by_trial(run: Callable[[Correction | None], torch.Tensor], reference: torch.Tensor,
+                   correction: Correction, kinds: Sequence[int], should_stop: Callable[[], None] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Which reuse steps of a schedule the correction improves, measured (reconstructed judgment).
+
+    Smaller branch errors do not always mean a better image: on the reference DiT the prior's drift
+    lowers the branch error at every step, but correcting the later steps moves the final image away
+    from full compute. So each reuse step the statistics accept is tried alone on calibration
+    samples: run(c) samples them with the host schedule and correction c (None: plain reuse) and
+    returns the final latents; a step is kept when its correction lowers the mean squared error
+    to `reference` (their full-compute latents). Costs one run per candidate step, plus one.
+
+    Returns {"pattern", "gamma", "steps": kept steps, "ratios": {step: error / plain error}}.
+    """
+    def error(c):
+        if should_stop is not None:
+            should_stop()
+        return float((run(c).double() - reference.double()).square().mean())
+    candidates = sorted(correction.plan(kinds))
+    total = len(candidates) + 1
+    plain = error(None)
+    if progress is not None:
+        progress(1, total)
+    ratios, kept = {}, []
+    for i, step in enumerate(candidates):
+        ratio = error(correction.restricted([step])) / plain if plain > 0 else 1.0
+        ratios[step] = ratio
+        if ratio < 1.0:
+            kept.append(step)
+        if progress is not None:
+            progress(i + 2, total)
+    return {"pattern": "".join(str(int(k)) for k in kinds), "gamma": correction.gamma, "steps": kept,
+            "ratios": ratios}
 
 
 class CorrectionState:
