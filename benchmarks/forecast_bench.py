@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from procache_core import Schedule, SchedulePolicy, StepKind, inject_selective
+from procache_core import Schedule, SchedulePolicy, inject_selective
 from procache_core.forecast import ForecastFitter, Taylor
 from procache_core.reference.sampling import sample
 from procache_core.search import SearchConstraints, draw_candidates

@@ -20,7 +20,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from procache_core.reference.dit import DiT, DiTConfig
 from procache_core.reference.sampling import alphas_cumprod

@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..procache_core import Schedule, ScheduleError, TokenSelector
+from .eoc_node import EOC
 from .forecaster_node import FORECASTER
 from .runtime import ApplyConfig, attach, describe_model, double_caching_warning
 from .schedule_loader import SCHEDULE, describe
@@ -41,6 +42,9 @@ class ProCacheApply(io.ComfyNode):
                 FORECASTER.Input("forecaster", optional=True,
                                  tooltip="From ProCache Forecaster: cached steps extrapolate each branch from its "
                                          "last full steps instead of copying the latest. Without it: plain reuse."),
+                EOC.Input("eoc", optional=True,
+                          tooltip="From EOC Correction: reused branch outputs get the prior's change since they "
+                                  "were cached. Works with any schedule. Without it: plain reuse."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A copy of the input model that caches by the schedule. "
@@ -51,7 +55,7 @@ class ProCacheApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
-                selector: SelectorConfig | None = None, forecaster=None) -> io.NodeOutput:
+                selector: SelectorConfig | None = None, forecaster=None, eoc=None) -> io.NodeOutput:
         if not isinstance(schedule, Schedule):     # a node of another pack on a loosely typed link
             raise ScheduleError(f"the schedule input got {type(schedule).__name__}: connect ProCache Schedule Loader")
         if start_percent > end_percent:
@@ -60,7 +64,7 @@ class ProCacheApply(io.ComfyNode):
         config = ApplyConfig(schedule=schedule, start_percent=start_percent, end_percent=end_percent,
                              force_last_full=force_last_full, selector=selector.tokens,
                              deep_fraction=selector.deep_fraction, cache_on_cpu=cache_on_cpu,
-                             forecaster=forecaster)
+                             forecaster=forecaster, eoc=eoc)
         mode, sentence = describe_model(model)
         if mode == "none":
             log.warning("ProCache: %s", sentence)
@@ -73,4 +77,6 @@ class ProCacheApply(io.ComfyNode):
             report = f"WARNING: {warning}\n{report}"
         if forecaster is not None:
             report += f"\nforecast: {forecaster.describe()}"
+        if eoc is not None:
+            report += f"\n{eoc.describe()}"
         return io.NodeOutput(patched, report, ui={"text": [report], "mode": [mode]})

@@ -31,18 +31,12 @@ FILE_PREFIX = "file: "
 
 
 def forecaster_dir() -> str | None:
-    folder = library.user_dir()
-    return os.path.join(os.path.dirname(folder), "forecasters") if folder else None
+    return library.pack_dir("forecasters")
 
 
 def saved_forecasters() -> dict[str, str]:
-    """name -> path of the forecaster JSON files in the user's folder (listed names only; a link
-    that points out of the folder is not listed)."""
-    folder = forecaster_dir()
-    if not folder or not os.path.isdir(folder):
-        return {}
-    return {entry[:-5]: os.path.join(folder, entry) for entry in sorted(os.listdir(folder))
-            if entry.endswith(".json") and library.inside(folder, os.path.join(folder, entry))}
+    """name -> path of the forecaster JSON files in the user's folder (listed names only)."""
+    return library.saved_files(forecaster_dir(), ".json")
 
 
 def load_forecaster(source: str, text: str):

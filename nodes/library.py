@@ -37,6 +37,20 @@ def inside(folder: str, path: str) -> bool:
     return os.path.dirname(real_path) == real_folder and os.path.isfile(real_path)
 
 
+def pack_dir(kind: str) -> str | None:
+    """`<user>/procache/<kind>`: the folder of the user's saved files of one kind (routers, priors...)."""
+    folder = user_dir()
+    return os.path.join(os.path.dirname(folder), kind) if folder else None
+
+
+def saved_files(folder: str | None, suffix: str) -> dict[str, str]:
+    """name -> path of the `suffix` files in `folder` (hidden files and links out of it not listed)."""
+    if not folder or not os.path.isdir(folder):
+        return {}
+    return {entry[:-len(suffix)]: os.path.join(folder, entry) for entry in sorted(os.listdir(folder))
+            if entry.endswith(suffix) and not entry.startswith(".") and inside(folder, os.path.join(folder, entry))}
+
+
 def listing() -> dict[str, str]:
     """name -> file path, for every schedule file in the library folders (bundled first)."""
     found: dict[str, str] = {}

@@ -44,6 +44,7 @@ class ApplyConfig:
     cache_on_cpu: bool = False
     forecaster: object = None      # procache_core.forecast.Forecaster; None: reuse copies
     recorder: object = None        # a ForecastFitter during calibration runs (shared, not copied)
+    eoc: object = None             # procache_core.eoc.Correction; None: reused values are not corrected
 
 
 class LastRuns:
@@ -185,7 +186,7 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
     run = Run(SchedulePolicy(schedule, config.deep_fraction), StepClock(sigma_list), family,
               selector=config.selector, cache_device="cpu" if config.cache_on_cpu else None,
               model_name=type(model_patcher.model.diffusion_model).__name__,
-              forecaster=config.forecaster, recorder=config.recorder)
+              forecaster=config.forecaster, recorder=config.recorder, eoc=config.eoc)
     run.stats.notes.extend(notes + [sentence])
     for note in notes:
         log.info("ProCache: %s", note)

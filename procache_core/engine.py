@@ -65,6 +65,10 @@ class Run:
         self.branch_calls = [0] * clock.steps   # full-token branch computations per step (tests, panel)
         self.selected_tokens = [0] * clock.steps  # tokens recomputed on selective steps, per step
         self.policy_steps = clock.offset + clock.steps
+        # The last step that can read the cache; full steps after it store nothing (an all-full
+        # schedule caches nothing at all: holding outputs nobody reads costs memory traffic).
+        self.last_cached_step = max((clock.offset + k for k, kind in enumerate(planned) if kind != StepKind.FULL),
+                                    default=-1)
         self._cost_cache: dict[int, int] = {}
         self._started = time.perf_counter()
         self.closed = False
@@ -289,6 +293,9 @@ class _Call:
 
     def _store_full(self, index, block, branch, out, tokens, inputs):
         run, key = self.run, (index, branch.name)
+        if self.schedule_step > run.last_cached_step and run.forecast is None and run.recorder is None \
+                and run.eoc is None:
+            return          # no later step of this run reads the cache
         if run.forecast is None:
             run.cache.put(self.streams, key, out)
         else:       # forecasts read the history slots only: K values per branch, not K + 1
@@ -386,6 +393,8 @@ class _Call:
             out = original(x, *args, **kwargs)
             self.work.flops_done += 1.0
             self.work.computed += 1
+            if self.schedule_step > self.run.last_cached_step:
+                return out              # no later step of this run reads the cache
             if out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:] and out.shape[1] <= x.shape[1]:
                 self.run.cache.put(self.streams, key, out - x[:, :out.shape[1]])
             return out

@@ -200,8 +200,12 @@ class RouterTrainer:
     """SDT + IEPO on `problem`'s model. `state` continues an earlier run (resume)."""
 
     def __init__(self, problem: Problem, family: FamilySpec, config: TrainingConfig,
-                 state: TrainingState | None = None, metadata: dict | None = None):
+                 state: TrainingState | None = None, metadata: dict | None = None,
+                 grad_context: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.problem, self.family, self.config = problem, family, config
+        # entered around each student pass and its backward (e.g. saved-tensor hooks for models
+        # whose blocks add into their residual stream in place)
+        self.grad_context = grad_context or contextlib.nullcontext
         self.metadata = dict(metadata or {})
         self.units = SoftUnits(family, problem.model, config.tau)
         steps, width = problem.steps, self.units.units
@@ -309,12 +313,13 @@ class RouterTrainer:
             with torch.no_grad(), units.weighted(None):
                 teacher = problem.predict(x, k)
             r = self.weights()[k]
-            with torch.enable_grad(), units.weighted(r):
-                student = problem.predict(x, k)
+            with torch.enable_grad(), self.grad_context():
+                with units.weighted(r):
+                    student = problem.predict(x, k)
                 distill = ((teacher.float() - student.float()) ** 2).mean()
                 loss = lambdas[k] * distill + cfg.beta * r.sum()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             self.logits.grad[0] = 0.0       # the first row is fixed at +5
             self.optimizer.step()
             with torch.no_grad():

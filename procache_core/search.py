@@ -161,7 +161,6 @@ def generic_pattern(steps: int, speedup: float, spread: float = 0.35) -> list[in
 def output_error(outputs, reference) -> float:
     """Relative MSE of final outputs against the full-compute outputs, averaged over seeds:
     sum (out - ref)^2 / sum ref^2 per seed. `outputs`/`reference` are tensors or lists of them."""
-    import torch
     outs = list(outputs) if isinstance(outputs, (list, tuple)) else list(outputs.unbind(0))
     refs = list(reference) if isinstance(reference, (list, tuple)) else list(reference.unbind(0))
     if len(outs) != len(refs):

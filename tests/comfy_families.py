@@ -416,19 +416,27 @@ def _wan21_i2v_config(version):
     return sm.WAN21_I2V, dict(_WAN_SMALL, model_type="i2v", in_dim=36, out_dim=16)
 
 
-def _wan21_i2v_inputs(batch, gen):
+def _wan_i2v_inputs(batch, gen, clip_vision=True):
     """What WanImageToVideo puts on both conditionings: the encoded start image as the first frame of
-    a zero concat latent, a mask that marks the first latent frame as given, and a CLIP-vision
-    output (clip_fea, projected by the model's img_emb to extra cross-attention context)."""
+    a zero concat latent, a mask that marks the first latent frame as given, and (Wan 2.1) a
+    CLIP-vision output (clip_fea, projected by the model's img_emb to extra cross-attention context)."""
     import comfy.clip_vision
     image = torch.zeros(1, 16, 3, 8, 8)
     image[:, :, :1] = torch.randn(1, 16, 1, 8, 8, generator=gen)
     mask = torch.ones(1, 1, 3, 8, 8)
     mask[:, :, :1] = 0.0
-    clip_vision = comfy.clip_vision.Output()
-    clip_vision.penultimate_hidden_states = torch.randn(1, 5, 1280, generator=gen)
-    values = {"concat_latent_image": image, "concat_mask": mask, "clip_vision_output": clip_vision}
+    values = {"concat_latent_image": image, "concat_mask": mask}
+    if clip_vision:
+        values["clip_vision_output"] = comfy.clip_vision.Output()
+        values["clip_vision_output"].penultimate_hidden_states = torch.randn(1, 5, 1280, generator=gen)
     return torch.zeros(batch, 16, 3, 8, 8), _text(gen, 5, 32, **values), _text(gen, 5, 32, **values)
+
+
+def _wan22_i2v_config(version):
+    import comfy.supported_models as sm
+    # Wan 2.2 A14B image-to-video: no CLIP-vision projection, so ComfyUI detects it as a text-to-video
+    # Wan with 36 input channels; WAN21.concat_cond adds the same mask + image latent
+    return sm.WAN21_T2V, dict(_WAN_SMALL, model_type="t2v", in_dim=36, out_dim=16)
 
 
 def _wan22_ti2v_config(version):
@@ -452,12 +460,13 @@ def _wan(name, config, inputs, **extra):
         **extra)
 
 
-WAN21_I2V = _wan("wan21_i2v", _wan21_i2v_config, _wan21_i2v_inputs)
+WAN21_I2V = _wan("wan21_i2v", _wan21_i2v_config, _wan_i2v_inputs)
+WAN22_I2V = _wan("wan22_i2v", _wan22_i2v_config, lambda batch, gen: _wan_i2v_inputs(batch, gen, clip_vision=False))
 # Wan 2.2 TI2V 5B: the kept first frame gets timestep 0 through the noise mask (per-frame modulation)
 WAN22_TI2V = _wan("wan22_ti2v", _wan22_ti2v_config, _wan22_ti2v_inputs, noise_mask=_first_frame_kept)
 
 FAMILIES = {f.name: f for f in (SD3, QWEN, QWEN_EDIT, LUMINA, Z_IMAGE, HUNYUAN_VIDEO, HUNYUAN_IMAGE, CHROMA, HIDREAM, LTXV, LTXV_I2V, AURAFLOW, COSMOS,
-                                HUNYUAN_DIT, FLUX2, KANDINSKY5, MOCHI, WAN21_I2V, WAN22_TI2V)}
+                                HUNYUAN_DIT, FLUX2, KANDINSKY5, MOCHI, WAN21_I2V, WAN22_I2V, WAN22_TI2V)}
 
 
 # ---- building and sampling -----------------------------------------------------------------------

@@ -395,3 +395,27 @@ def test_low_vram_partial_load_with_lora(pack, monkeypatch):
     assert run["mode"] == "branch:flux" and run["counts"] == {"full": 1, "selective": 1, "reuse": 1}
     assert torch.equal(cached, cached_loaded_fully)
     assert _cast_state(dm)[0] == 0
+
+
+# ---- image-to-video conditioning -------------------------------------------------------------------
+@pytest.mark.parametrize("name,channels,clip_vision,per_frame_timesteps", [
+    ("wan21_i2v", 36, True, False), ("wan22_i2v", 36, False, False), ("wan22_ti2v", 48, False, True)])
+def test_wan_image_to_video_conditioning_reaches_the_cached_model(pack, name, channels, clip_vision,
+                                                                   per_frame_timesteps):
+    """The Wan image-to-video families of tests/comfy_families.py (tested there like every family)
+    really feed what ComfyUI's I2V nodes produce through ProCache: the concat latent and mask as
+    extra input channels, the CLIP-vision features, or per-frame timesteps for the kept frame."""
+    import comfy_families
+    from procache_comfyui.nodes.runtime import LAST_RUNS
+    mp = comfy_families.make_patcher(name)
+    seen = []
+    hook = mp.model.diffusion_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].shape[1], args[1].ndim, kwargs.get("clip_fea") is not None)),
+        with_kwargs=True)
+    try:
+        out = comfy_families.sample(_attach(mp, (1, 0)), name, steps=2)
+    finally:
+        hook.remove()
+    assert LAST_RUNS.latest()["mode"] == "branch:wan" and LAST_RUNS.latest()["counts"]["reuse"] == 1
+    assert torch.isfinite(out).all()
+    assert seen and all(s == (channels, 2 if per_frame_timesteps else 1, clip_vision) for s in seen)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from procache_core import (CacheStore, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family,
-                           inject_selective, parse_pattern, uniform)
+from procache_core import (CacheStore, Schedule, SchedulePolicy, StepClock, TokenSelector, find_family,
+                           parse_pattern, uniform)
 from procache_core.reference.dit import DiT, DiTConfig
 from procache_core.tokens import SelectionContext, spatial_bonus
 from procache_core.reference.sampling import sample

@@ -232,3 +232,15 @@ def test_a_prior_of_another_width_or_resolution_is_not_applied():
     other = torch.zeros(1, 5, 2)                      # 5 tokens instead of 3
     assert state.correct(("s",), UNIT, 1, other) is other
     assert pooled(torch.ones(2, 3, 4), "channel").shape == (2, 4)
+
+
+def test_prior_text_is_the_same_for_the_same_prior():
+    """safetensors writes its metadata from a hash map; the text kept in a workflow must not change
+    between two saves of one prior (the web extension would mark the workflow as modified)."""
+    key = (0, 1, (0, "attn"))
+    prior = Prior("channel", {key: torch.randn(4)}, {key: 2}, {(*key, 1): (2.0, 0.1, 0.2)},
+                  {f"k{i}": i for i in range(12)})
+    texts = {prior.to_json() for _ in range(30)}
+    assert len(texts) == 1
+    again = Prior.from_json(texts.pop())
+    assert torch.equal(again.means[key], prior.means[key]) and again.metadata == prior.metadata

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from procache_core import Schedule, SchedulePolicy, ScheduleError, StepKind, find_family
+from procache_core import Schedule, SchedulePolicy, ScheduleError, find_family
 from procache_core.reference.dit import DiT, DiTConfig
 from procache_core.reference.sampling import sample
 from procache_core.router import Router, unit_columns

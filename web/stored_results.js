@@ -7,6 +7,8 @@ import { app } from "../../scripts/app.js";
 const STORED_RESULTS = {
   ProCacheForecasterTrainer: "fitted",
   ProCacheScheduleSearch: "searched",
+  ProCacheEOCPriorExtractor: "prior",
+  HarmoniCaRouterTrainer: "router",
 };
 
 app.registerExtension({
