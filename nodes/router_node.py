@@ -79,7 +79,7 @@ class HarmoniCaRouterLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="HarmoniCaRouterLoader",
+            node_id="ProCacheHarmoniCaRouterLoader",
             display_name="HarmoniCa Router Loader",
             category="ProCache/harmonica",
             description="A trained HarmoniCa router (which attention and MLP units compute at each step) as a "
@@ -115,7 +115,7 @@ class HarmoniCaRouterTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="HarmoniCaRouterTrainer",
+            node_id="ProCacheHarmoniCaRouterTrainer",
             display_name="HarmoniCa Router Trainer",
             category="ProCache/harmonica",
             description="Learns which attention and MLP units of each block to compute at each step (HarmoniCa: "

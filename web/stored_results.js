@@ -8,7 +8,7 @@ const STORED_RESULTS = {
   ProCacheForecasterTrainer: "fitted",
   ProCacheScheduleSearch: "searched",
   ProCacheEOCPriorExtractor: "prior",
-  HarmoniCaRouterTrainer: "router",
+  ProCacheHarmoniCaRouterTrainer: "router",
 };
 
 app.registerExtension({
