@@ -1,0 +1,95 @@
+"""Train a HarmoniCa router on the pack's reference DiT from the command line (SDT + IEPO, the same
+trainer as the "HarmoniCa Router Trainer" node). No images: every trajectory starts from fresh noise
+with uniformly drawn class labels.
+
+    python -m benchmarks.train_router --out router.safetensors                  # DDIM 20, beta 2e-5
+    python -m benchmarks.train_router --steps 50 --beta 4e-6 --lambda-mode paper --out r50.safetensors
+    python -m benchmarks.train_router --out router.safetensors --resume         # continue a stopped run
+
+Ctrl-C stops at once and keeps the last finished trajectory in `<out>.partial`; `--resume` continues
+from it (the same settings are required: the state file records them). The router file loads in
+"HarmoniCa Router Loader" (copy it to <ComfyUI user dir>/procache/routers/) and in
+procache_core.router.Router.load.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+from procache_core import find_family
+from procache_core.router_training import LAMBDA_MODES, ReferenceProblem, RouterTrainer, TrainingConfig, TrainingState
+
+from .reference_bench import CFG_SCALE
+from .train_reference import load_reference
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the router file to write (.safetensors)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps the router is for (one row per step)")
+    parser.add_argument("--cfg", type=float, default=CFG_SCALE, help="guidance scale inside training (and sampling)")
+    parser.add_argument("--trajectories", type=int, default=60, help="training trajectories (iterations = this x steps)")
+    parser.add_argument("--beta", type=float, default=2e-5, help="weight of the compute penalty (higher: more reuse)")
+    parser.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate on the logits")
+    parser.add_argument("--tau", type=float, default=0.1, help="a unit computes when sigmoid(logit) > tau")
+    parser.add_argument("--lambda-period", type=int, default=15, help="C, in trajectories")
+    parser.add_argument("--lambda-mode", choices=LAMBDA_MODES, default="code")
+    parser.add_argument("--batch", type=int, default=4, help="noises per trajectory (x2 for CFG)")
+    parser.add_argument("--seed", type=int, default=3000, help="seed of the training noise and labels")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.partial")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_reference()
+    family, _ = find_family(model)
+    config = TrainingConfig(iterations=args.trajectories * args.steps, beta=args.beta, lr=args.lr, tau=args.tau,
+                            lambda_period=args.lambda_period * args.steps, lambda_mode=args.lambda_mode, seed=0)
+    metadata = {"model": "reference DiT (digits)", "family": family.name, "sampler": "ddim", "steps": args.steps,
+                "cfg": args.cfg, "train_seed": args.seed, "batch": args.batch}
+    partial = args.out + ".partial"
+    state = None
+    if args.resume:
+        if not os.path.isfile(partial):
+            print(f"nothing to resume: {partial} does not exist", file=sys.stderr)
+            return 2
+        with open(partial, "rb") as f:
+            state, saved = TrainingState.from_bytes(f.read())
+        if json.loads(saved.get("config", "{}")) != dataclasses.asdict(config):
+            print(f"{partial} was written with other settings: {saved.get('config')}", file=sys.stderr)
+            return 2
+        print(f"resuming at iteration {state.iteration} of {config.iterations}")
+    problem = ReferenceProblem(model, args.steps, cfg=args.cfg, batch=args.batch, seed=args.seed)
+    trainer = RouterTrainer(problem, family, config, state=state, metadata=metadata)
+    started = time.perf_counter()
+
+    def progress(iteration, total, info):
+        if iteration % args.steps == 0:         # a trajectory's last step
+            print(f"  iteration {iteration}/{total}  trajectory {info['trajectory'] + 1}  loss {info['loss']:.4g}  "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+    try:
+        router = trainer.run(progress)
+    except KeyboardInterrupt:
+        with open(partial, "wb") as f:
+            f.write(trainer.state_bytes())
+        print(f"\nstopped; iteration {trainer.checkpoint.iteration} kept in {partial} (run again with --resume)")
+        return 130
+    router.save(args.out)
+    if os.path.isfile(partial):
+        os.remove(partial)
+    print(f"{router.describe()}\nwrote {args.out} in {time.perf_counter() - started:.0f} s")
+    print(router.heatmap())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
