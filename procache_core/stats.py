@@ -75,6 +75,9 @@ class RunStats:
             "planned": "".join(str(int(r.planned)) for r in self.steps),
             "actual": {stream_names[s]: "".join(r.actual.get(s, "-") for r in self.steps) for s in self.streams},
             "seconds_per_step": [round(r.seconds, 5) for r in self.steps],
+            # block work run per step, as a share of a full step (selective steps and routers'
+            # partly computed steps lie between 0 and 1); None for a step that never ran
+            "compute_share": [round(r.flops_done / r.flops_full, 4) if r.flops_full else None for r in self.steps],
             "counts": {"full": self.count("F"), "selective": self.count("S"), "reuse": self.count("R")},
             "flops_speedup": round(self.flops_speedup, 4),
             "wall_seconds": round(self.wall_seconds, 4),

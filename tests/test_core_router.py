@@ -79,6 +79,10 @@ def test_engine_runs_exactly_the_routed_units():
     # one call per step on the [cond; uncond] batch: one count per computed branch
     assert run.branch_calls == [row.count("1") for row in rows]
     assert run.stats.summary()["misses"] == 0
+    # the panel's per-step share of block work follows the computed units (equal-cost pairs here)
+    shares = run.stats.summary()["compute_share"]
+    assert shares[0] == shares[5] == 1.0 and shares[4] == 0.0
+    assert shares[1] > shares[2] > 0.0 and shares[2] == pytest.approx(shares[3], rel=0.5)
     full = sample(model, labels, STEPS, 1.5, seed=4)
     assert not torch.allclose(images, full)
     all_on = Schedule(kinds=(1,) * STEPS, units=_units(["1111"] * STEPS))

@@ -249,6 +249,10 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     for stream in run["streams"]:
         assert {k: stream[k] for k in counts} == counts, stream
         assert stream["cells"] == latest["actual"][stream["name"]] == expected
+        # the share of block work each step ran: full 1, reuse 0, selective in between
+        shares = [float(x) for x in stream["shares"]]
+        assert shares == pytest.approx([x for x in latest["compute_share"]], abs=1e-4)
+        assert all((k == "F") == (x == 1.0) and (k == "R") == (x == 0.0) for k, x in zip(expected, shares))
     seconds = [float(s) for s in run["seconds"]]
     assert len(seconds) == STEPS and all(s > 0 for s in seconds)
     assert seconds == pytest.approx(latest["seconds_per_step"], abs=1e-6)

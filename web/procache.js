@@ -95,14 +95,26 @@ function element(tag, className, text, style) {
   return el;
 }
 
-function stripElement(letters, title) {
+// A cached step that still ran part of the block work (selective tokens, a router's computed
+// units) gets that share of its cell filled in the full-step colour, from the bottom.
+function cellBackground(kind, share) {
+  const base = COLORS[kind] || PENDING;
+  if (kind === "F" || share == null || share <= 0) return base;
+  const pct = Math.min(100, Math.max(1, Math.round(100 * share)));
+  return `linear-gradient(to top, ${COLORS.F} ${pct}%, ${base} ${pct}%)`;
+}
+
+function stripElement(letters, title, shares) {
   const row = element("div", "procache-strip", null, "display:flex;gap:1px;margin:2px 0 6px 0;");
   row.title = title;
   [...letters].forEach((c, i) => {
+    const share = shares ? shares[i] : null;
     const cell = element("div", `procache-cell procache-${LABELS[c] || "pending"}`, null,
-      `flex:1 1 0;max-width:14px;min-width:2px;height:14px;background:${COLORS[c] || PENDING};`);
+      `flex:1 1 0;max-width:14px;min-width:2px;height:14px;background:${cellBackground(c, share)};`);
     cell.dataset.kind = c;
-    cell.title = `step ${i}: ${LABELS[c] || "not run yet"}`;
+    cell.dataset.share = share == null ? "" : share.toFixed(4);
+    const work = share == null || c === "F" ? "" : `, ${Math.round(100 * share)}% of the block work computed`;
+    cell.title = `step ${i}: ${LABELS[c] || "not run yet"}${work}`;
     row.appendChild(cell);
   });
   return row;
@@ -140,7 +152,7 @@ function runElement(run, index) {
     label.dataset.stream = stream;
     label.dataset.full = c.F; label.dataset.selective = c.S; label.dataset.reused = c.R;
     box.appendChild(label);
-    box.appendChild(stripElement(letters, stream));
+    box.appendChild(stripElement(letters, stream, run.compute_share));
   }
   box.appendChild(element("div", "procache-time-label", `time per step: ${meanTimes(run).join(", ")}`, "margin-top:4px;"));
   box.appendChild(timeChart(run));

@@ -137,6 +137,7 @@ try {
     streams: [...run.querySelectorAll(".procache-stream")].map((s) => ({
       name: s.dataset.stream, full: +s.dataset.full, selective: +s.dataset.selective, reused: +s.dataset.reused,
       cells: [...s.nextElementSibling.querySelectorAll(".procache-cell")].map((c) => c.dataset.kind).join(""),
+      shares: [...s.nextElementSibling.querySelectorAll(".procache-cell")].map((c) => c.dataset.share),
     })),
     seconds: [...run.querySelectorAll(".procache-time")].map((b) => b.dataset.seconds),
     measured: run.querySelector(".procache-speed").dataset.measured,
