@@ -79,4 +79,10 @@ class ProCacheApply(io.ComfyNode):
             report += f"\nforecast: {forecaster.describe()}"
         if eoc is not None:
             report += f"\n{eoc.describe()}"
+        if forecaster is not None and eoc is not None:
+            # both extrapolate the same cached value: the EOC drift lands on top of the forecast
+            both = ("a forecaster and an EOC correction are both connected; each corrects reused values "
+                    "for the change since they were cached, so together they add it twice: connect one")
+            log.warning("ProCache: %s", both)
+            report = f"WARNING: {both}\n{report}"
         return io.NodeOutput(patched, report, ui={"text": [report], "mode": [mode]})

@@ -140,3 +140,18 @@ def test_saved_prior_loads_in_the_correction_node(pack, tmp_path, monkeypatch):
         eoc_node.EOCCorrection.execute(eoc_node.NO_FILE, 0.5, 0.0, 0.0, 1.0)
     with pytest.raises(Exception, match="names may use"):
         _extract(pack, mp, "pixart", save_name="../x")
+
+
+def test_apply_warns_when_a_forecaster_and_a_correction_are_both_connected(pack, caplog):
+    from procache_comfyui.procache_core import parse_pattern
+    mp = comfy_env.make_patcher("pixart")
+    prior = _extract(pack, mp, "pixart")[0].result[0]
+    forecaster = pack.nodes.forecaster_node.ProCacheForecaster.execute("taylor 1", "").result[0]
+    apply = pack.nodes.apply_node.ProCacheApply
+    args = (mp, parse_pattern(PATTERN), 0.0, 1.0, False, False, None)
+    alone = apply.execute(*args, forecaster, None).result[1]
+    assert "WARNING" not in alone
+    with caplog.at_level("WARNING", logger="procache"):
+        both = apply.execute(*args, forecaster, _correction(pack, prior)).result[1]
+    assert both.startswith("WARNING: a forecaster and an EOC correction")
+    assert any("connect one" in r.getMessage() for r in caplog.records)
