@@ -1,0 +1,172 @@
+"""HarmoniCa routers on the trained reference DiT: learned per-unit reuse vs uniform reuse (FORA)
+and vs sampling with fewer steps, at the same cache usage ratio, on held-out seeds.
+
+    python -m benchmarks.router_bench                  # DDIM 20, a few betas, minutes on one CPU thread
+    python -m benchmarks.router_bench --quick          # seconds: tiny training, few samples
+    python -m benchmarks.router_bench --steps 50 --betas 1e-7 --paper-betas 2e-7
+
+Training (procache_core.router_training, the code the ComfyUI node runs) sees only its own
+trajectories: labels and noise drawn from TRAIN_SEED. Every row is judged on the reference
+bench's held-out seed (benchmarks.reference_bench.SEED) with the judge: FD against the real
+digits, FD against the full-compute samples of the same seeds, PSNR against them, accuracy.
+CUR (cache usage ratio) = reused units / all units of the run, the first step included; FORA
+with a full step every N steps reuses every unit of the other steps. "Fewer steps" is DDIM with
+round(T * (1 - CUR)) steps: about the same block work as caching that share of units.
+Writes benchmarks/results/router_bench.{md,json} and the routers it trained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from procache_core import Schedule, SchedulePolicy, find_family, uniform
+from procache_core.reference.sampling import sample
+from procache_core.router import Router
+from procache_core.router_training import ReferenceProblem, RouterTrainer, TrainingConfig
+
+from .judge import frechet_distance, load_judge
+from .reference_bench import CFG_SCALE, RESULTS, SEED
+from .train_reference import load_reference
+
+TRAIN_SEED = 3000        # trajectories the routers are trained on; never the held-out SEED
+
+
+def train(model, steps, beta, args, lambda_mode="code", log=print) -> tuple[Router, float]:
+    family, _ = find_family(model)
+    problem = ReferenceProblem(model, steps, cfg=CFG_SCALE, batch=args.batch, seed=TRAIN_SEED)
+    config = TrainingConfig(iterations=args.trajectories * steps, beta=beta, lr=args.lr, tau=args.tau,
+                            lambda_period=args.lambda_period * steps, lambda_mode=lambda_mode, seed=0)
+    trainer = RouterTrainer(problem, family, config,
+                            metadata={"model": "reference DiT (digits)", "sampler": "ddim", "steps": steps,
+                                      "cfg": CFG_SCALE, "train_seed": TRAIN_SEED, "batch": args.batch})
+    start = time.perf_counter()
+    router = trainer.run()
+    seconds = time.perf_counter() - start
+    log(f"  trained beta {beta:g} ({lambda_mode}) in {seconds:.0f} s: {router.describe()}; "
+        f"loss {trainer.state.losses[0]:.3g} -> {trainer.state.losses[-1]:.3g}")
+    return router, seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    # lambda is a mean squared error of the final latent here (about 1e-4), so beta is far below
+    # the paper's 7e-8 for a summed error; Adam makes only the ratio of the two terms matter
+    parser.add_argument("--betas", default="4e-8,1.5e-7", help="comma-separated sparsity weights, code lambda")
+    parser.add_argument("--paper-betas", default="1e-7,2.5e-7,4e-7", help="the same for lambda_mode='paper'")
+    parser.add_argument("--trajectories", type=int, default=200, help="training trajectories per router")
+    parser.add_argument("--lambda-period", type=int, default=15, help="C in trajectories")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--tau", type=float, default=0.1)
+    parser.add_argument("--batch", type=int, default=4, help="noises per training trajectory (x2 for CFG)")
+    parser.add_argument("--samples", type=int, default=300, help="held-out samples")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.trajectories, args.lambda_period = 40, 3, 2
+    torch.set_num_threads(1)
+    model, judge = load_reference(), load_judge()
+    steps = args.steps
+    labels = torch.arange(args.samples) % 10
+    full = sample(model, labels, steps, CFG_SCALE, SEED)
+    full_features = judge.features(full)
+    rows = []
+
+    def judge_row(method, setting, images, cur, flops_speedup):
+        scores = judge.evaluate(images, labels, reference=full)
+        scores["fd_vs_full"] = frechet_distance(judge.features(images), full_features)
+        row = {"method": method, "setting": setting, "cur": round(cur, 4), "flops_speedup": round(flops_speedup, 3),
+               **{k: round(v, 4) for k, v in scores.items()}}
+        rows.append(row)
+        print(f"  {method:<34} {setting:<26} CUR {100 * cur:5.1f}%  flops {flops_speedup:4.2f}x  fd {row['fd']:.4f}  "
+              f"fd vs full {row['fd_vs_full']:.4f}  psnr {row['psnr']:6.2f}  acc {row['accuracy']:.3f}")
+        return row
+
+    def scheduled(schedule):
+        images, run = sample(model, labels, steps, CFG_SCALE, SEED, policy=SchedulePolicy(schedule), return_run=True)
+        return images, run.stats.flops_speedup
+
+    fewer_done = set()
+
+    def fewer(cur):
+        n = max(1, round(steps * (1 - cur)))
+        if n in fewer_done or n == steps:
+            return
+        fewer_done.add(n)
+        judge_row("fewer steps", f"DDIM {n}", sample(model, labels, n, CFG_SCALE, SEED), 1 - n / steps, steps / n)
+
+    spread_done = set()
+
+    def spread(cur):
+        """Uniform reuse at the router's cache usage: the same number of full steps, evenly spaced
+        (FORA with a fractional interval), the first step full."""
+        n = max(1, round(steps * (1 - cur)))
+        if n in spread_done or n == steps or steps % n == 0:      # steps / n whole: a FORA row
+            return
+        spread_done.add(n)
+        full_at = {(j * steps) // n for j in range(n)}
+        schedule = Schedule(kinds=tuple(1 if k in full_at else 0 for k in range(steps)), name=f"evenly {n}")
+        images, speedup = scheduled(schedule)
+        judge_row(f"uniform reuse, {n} full steps", schedule.pattern, images, 1 - n / steps, speedup)
+
+    print(f"reference DiT, DDIM {steps}, cfg {CFG_SCALE}; held-out seed {SEED}, {args.samples} samples")
+    judge_row("full compute", f"DDIM {steps}", full, 0.0, 1.0)
+    for n in (2, 3, 4):
+        schedule = uniform(steps, n)
+        cur = schedule.count(0) / steps
+        judge_row(f"FORA N={n}", schedule.pattern, *(lambda r: (r[0], cur, r[1]))(scheduled(schedule)))
+        fewer(cur)
+
+    routers, trained = [], []
+    for beta in [float(b) for b in args.betas.split(",") if b.strip()]:
+        trained.append(("code", beta) + train(model, steps, beta, args))
+    for beta in [float(b) for b in args.paper_betas.split(",") if b.strip()]:
+        trained.append(("paper", beta) + train(model, steps, beta, args, lambda_mode="paper"))
+    os.makedirs(args.out, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    for mode, beta, router, seconds in trained:
+        images, speedup = scheduled(router.to_schedule())
+        cur = router.cache_usage_ratio()
+        row = judge_row(f"HarmoniCa router ({mode} lambda)", f"beta {beta:g}", images, cur, speedup)
+        row["train_seconds"] = round(seconds, 1)
+        row["heatmap"] = router.heatmap()
+        name = f"router_bench_T{steps}_{mode}_beta{beta:g}{suffix}.safetensors"
+        router.save(os.path.join(args.out, name))
+        routers.append(name)
+        fewer(cur)
+        spread(cur)
+
+    doc = {"steps": steps, "cfg": CFG_SCALE, "held_out_seed": SEED, "held_out_samples": args.samples,
+           "train_seed": TRAIN_SEED, "training": {k: getattr(args, k) for k in
+                                                  ("trajectories", "lambda_period", "lr", "tau", "batch")},
+           "routers": routers, "rows": rows}
+    with open(os.path.join(args.out, f"router_bench{suffix}.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+    lines = [f"# HarmoniCa routers on the reference DiT (DDIM {steps}, cfg {CFG_SCALE})", "",
+             f"Routers trained by SDT + IEPO on {args.trajectories} trajectories of {args.batch} noises each "
+             f"(seed {TRAIN_SEED}, labels drawn uniformly), lr {args.lr}, tau {args.tau}, lambda refreshed every "
+             f"{args.lambda_period} trajectories; judged on held-out seed {SEED} ({args.samples} samples).", "",
+             "CUR: reused units / all units (first step included). FD: Fréchet distance to the real digits in the "
+             "judge's features; FD vs full: to the full-compute samples of the same seeds; PSNR against them.", "",
+             "| method | setting | CUR | FLOPs speedup | FD ↓ | FD vs full ↓ | PSNR vs full ↑ | accuracy ↑ |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["cur"], r["method"])):
+        lines.append(f"| {r['method']} | {r['setting']} | {100 * r['cur']:.1f}% | {r['flops_speedup']:.2f}x | "
+                     f"{r['fd']:.4f} | {r['fd_vs_full']:.4f} | {r['psnr']:.2f} | {r['accuracy']:.3f} |")
+    lines += ["", "Router masks ('#' computes, '.' reuses; per step: attention, MLP of blocks 0..7):", ""]
+    for r in rows:
+        if "heatmap" in r:
+            lines += [f"{r['method']}, {r['setting']} (trained in {r['train_seconds']:.0f} s):", "```",
+                      r["heatmap"], "```"]
+    with open(os.path.join(args.out, f"router_bench{suffix}.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:len(rows) + 9]))
+
+
+if __name__ == "__main__":
+    main()
