@@ -11,14 +11,9 @@ from benchmarks.reference_bench import checks, run_benchmark
 from benchmarks.train_reference import CONFIG, load_reference, train
 from procache_core.reference.sampling import sample
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: one thread is faster, and much faster on a busy machine; restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import torch
 
 import comfy_env
 
-pytestmark = pytest.mark.skipif(comfy_env.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH")
+pytestmark = [pytest.mark.skipif(comfy_env.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH"),
+              pytest.mark.usefixtures("one_thread")]
 
 HW = {"pixart": None, "flux": 16}
 STEPS = 5
@@ -16,12 +17,6 @@ def pack():
     return comfy_env.load_pack()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _counters(diffusion_model, family):

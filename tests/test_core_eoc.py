@@ -10,6 +10,8 @@ from procache_core.eoc import (Correction, CorrectionState, EOCError, Prior, Pri
 from procache_core.reference.dit import DiT, DiTConfig
 from procache_core.reference.sampling import sample
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 8
 UNIT = (0, "mlp")
 
@@ -23,13 +25,6 @@ def _model():
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: one thread is faster, and much faster on a busy machine; restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

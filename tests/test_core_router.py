@@ -10,15 +10,11 @@ from procache_core.reference.sampling import sample
 from procache_core.router import Router, unit_columns
 from procache_core.router_training import ReferenceProblem, RouterTrainer, SigmaProblem, TrainingConfig, TrainingState
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(depth=2):

@@ -1,6 +1,5 @@
 """The router-training command line on the reference DiT: writes a router the loader reads, and a
 run stopped by Ctrl-C resumes to the same router as an uninterrupted one."""
-import pytest
 import torch
 
 from benchmarks import train_router
