@@ -8,7 +8,7 @@ import comfy_env
 pytestmark = [pytest.mark.skipif(comfy_env.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH"),
               pytest.mark.usefixtures("one_thread")]
 
-HW = {"pixart": None, "flux": 16}
+HW = {"pixart": None, "flux": 16, "wan": 8}
 STEPS = 5
 
 
@@ -29,6 +29,8 @@ def _counters(diffusion_model, family):
         return hook
     if family == "pixart":
         pairs = [(i, b.attn.qkv, b.mlp.fc1) for i, b in enumerate(diffusion_model.blocks)]
+    elif family == "wan":
+        pairs = [(i, b.self_attn.q, b.ffn[0]) for i, b in enumerate(diffusion_model.blocks)]
     else:
         doubles = list(diffusion_model.double_blocks)
         pairs = [(i, b.img_attn.qkv, b.img_mlp[0]) for i, b in enumerate(doubles)]
@@ -50,18 +52,18 @@ def _apply(pack, mp, schedule):
     return pack.nodes.apply_node.ProCacheApply.execute(mp, schedule, 0.0, 1.0, False, False).result[0]
 
 
-@pytest.mark.parametrize("family", ["pixart", "flux"])
+@pytest.mark.parametrize("family", ["pixart", "flux", "wan"])
 def test_apply_with_a_router_computes_exactly_the_routed_units(pack, family):
     mp = comfy_env.make_patcher(family)
     diffusion_model = mp.model.diffusion_model
-    blocks = len(diffusion_model.blocks) if family == "pixart" else 4
+    blocks = 4 if family == "flux" else len(diffusion_model.blocks)
     # per step: a mix of attention-only, MLP-only, both and neither per block (Flux single blocks:
     # one fused unit, so their two columns agree)
     patterns = ["11" * blocks, "10" * blocks, "01" * blocks, "1100" * (blocks // 2) + "11" * (blocks % 2), "00" * blocks]
     if family == "flux":
         patterns = ["11111111", "10101100", "01011111", "11000000", "00001100"]
     schedule = _router_schedule(pack, patterns)
-    counts, handles, _ = _counters(diffusion_model, family)
+    counts, handles, units = _counters(diffusion_model, family)
     try:
         full = comfy_env.sample(mp, family, steps=STEPS, cfg=2.0, hw=HW[family])
         calls_per_step = counts[(0, "attention")] // STEPS      # cond and uncond batched: 1
@@ -70,6 +72,7 @@ def test_apply_with_a_router_computes_exactly_the_routed_units(pack, family):
     finally:
         for h in handles:
             h.remove()
+    assert {block for block, _ in counts} == set(range(units))     # every block was counted
     for (block, unit), n in sorted(counts.items()):
         column = 2 * block + (unit == "mlp")
         expected = sum(row[column] == "1" or (family == "flux" and block >= 2 and row[column + 1] == "1")
