@@ -356,6 +356,7 @@ def test_comfy_checker_catches_broken_workflows(infos):
 TINY_PX = {"pixart": (16, 640), "flux": (128, 128), "wan": (64, 64), "sd3": (128, 128), "qwen_image": (128, 128)}
 END_TO_END = {
     "procache_pixart_sigma_t2i": "pixart_sigma",
+    "procache_pixart_sigma_eoc_t2i": "pixart_sigma",
     "procache_pixart_alpha_t2i": "pixart_alpha",
     "procache_flux_dev_t2i": "flux",
     "procache_flux_schnell_t2i": "flux",
@@ -532,7 +533,7 @@ def run_graph(prompt: dict):
 
 
 @pytest.mark.parametrize("stem", list(END_TO_END))
-def test_comfy_workflow_runs_end_to_end_with_tiny_models(tiny_models, stem):
+def test_comfy_workflow_runs_end_to_end_with_tiny_models(tiny_models, stem, monkeypatch):
     import torch
     from procache_comfyui.nodes.runtime import LAST_RUNS
     from procache_comfyui.nodes.schedule_loader import build_schedule
@@ -542,9 +543,16 @@ def test_comfy_workflow_runs_end_to_end_with_tiny_models(tiny_models, stem):
     loader = next(n for n in prompt.values() if n["class_type"] == "ProCacheScheduleLoader")
     schedule = build_schedule(**loader["inputs"])
 
-    runs_before = len(LAST_RUNS.all())
+    runs = []
+    publish = LAST_RUNS.publish
+    monkeypatch.setattr(LAST_RUNS, "publish", lambda summary: (runs.append(summary), publish(summary)))
     cached = run_graph(tiny_graph(prompt, kind))
-    runs = LAST_RUNS.all()[runs_before:] if runs_before < 8 else LAST_RUNS.all()[-len(applies):]
+    monkeypatch.setattr(LAST_RUNS, "publish", publish)
+    # an EOC Prior Extractor samples the graph at full compute first, one run per seed
+    extractors = [n["inputs"] for n in prompt.values() if n["class_type"] == "ProCacheEOCPriorExtractor"]
+    extraction = [r for r in runs if r.get("schedule") == "EOC prior extraction"]
+    assert len(extraction) == sum(e["samples"] for e in extractors)
+    runs = [r for r in runs if r.get("schedule") != "EOC prior extraction"]
     assert torch.isfinite(cached).all()
     if stem == "procache_wan21_t2v":        # one uncached run for comparison is enough (and cheap here)
         plain = run_graph(tiny_graph(prompt, kind, cached=False))

@@ -72,11 +72,14 @@ def model_file(name: str, directory: str, url: str | None = None) -> dict:
 
 # ---- the ProCache chain every workflow shares ---------------------------------------------------------
 def procache_chain(g: Graph, model_link, schedule: Schedule, x: int, y: int, steps: int,
-                   force_last_full: bool = False, cache_on_cpu: bool = False) -> int:
+                   force_last_full: bool = False, cache_on_cpu: bool = False, eoc=None) -> int:
+    """Loader + Apply; `eoc(loader_id)` may add nodes and return the link for Apply's `eoc` input."""
     loader = g.add("ProCacheScheduleLoader", (x, y + 200), size=(340, 260), source="typed pattern",
                    pattern=schedule_text(schedule), interval=3, steps=steps, selective=False)
+    extra = {"eoc": eoc(loader)} if eoc is not None else {}
     return g.add("ProCacheApply", (x + 370, y), size=(300, 230), model=model_link, schedule=out(loader),
-                 start_percent=0.0, end_percent=1.0, force_last_full=force_last_full, cache_on_cpu=cache_on_cpu)
+                 start_percent=0.0, end_percent=1.0, force_last_full=force_last_full, cache_on_cpu=cache_on_cpu,
+                 **extra)
 
 
 def image_tail(g: Graph, latent_link, vae_link, x: int, y: int, prefix: str) -> None:
@@ -92,8 +95,8 @@ def video_tail(g: Graph, latent_link, vae_link, x: int, y: int, fps: int, prefix
 
 
 # ---- the workflows --------------------------------------------------------------------------------
-def pixart_sigma() -> Graph:
-    g = Graph("PixArt-Σ text to image with ProCache")
+def pixart_sigma(with_eoc: bool = False) -> Graph:
+    g = Graph("PixArt-Σ text to image with ProCache" + (" and EOC" if with_eoc else ""))
     g.note("**PixArt-Σ XL 1024 + ProCache** (branch-level caching: self-attention, cross-attention, MLP)\n\n"
            "- `models/diffusion_models/PixArt-Sigma-XL-2-1024-MS.pth` — the transformer from "
            f"[PixArt-alpha/PixArt-Sigma]({HF}/PixArt-alpha/PixArt-Sigma) (the `.pth` file, or a `.safetensors` "
@@ -103,7 +106,11 @@ def pixart_sigma() -> Graph:
            "- `models/vae/sdxl_vae.safetensors` — PixArt-Σ uses the SDXL VAE "
            f"([stabilityai/sdxl-vae]({HF}/stabilityai/sdxl-vae))\n\n"
            "Schedule: the paper's PixArt-α pattern (20 steps, 7 full, 2.9x fewer block evaluations). "
-           "Keep KSampler steps and the loader's `steps` equal.", (-480, 0))
+           "Keep KSampler steps and the loader's `steps` equal." + (
+               "\n\n**EOC**: the extractor samples this graph at full compute on 4 other seeds (4 extra runs, "
+               "once: its result is kept in the workflow) and the correction adds the prior's change to each "
+               "reused branch output. Keep its sampler, scheduler, steps and cfg equal to the KSampler's."
+               if with_eoc else ""), (-480, 0), size=(420, 420) if with_eoc else (420, 330))
     unet = g.add("UNETLoader", (0, 0), size=(320, 82), unet_name="PixArt-Sigma-XL-2-1024-MS.pth", weight_dtype="default",
                  models=[model_file("PixArt-Sigma-XL-2-1024-MS.pth", "diffusion_models")])
     clip = g.add("CLIPLoader", (0, 130), size=(320, 106), clip_name="t5xxl_fp16.safetensors", type="pixart", device="default",
@@ -116,12 +123,22 @@ def pixart_sigma() -> Graph:
     neg = g.add("CLIPTextEncode", (0, 600), size=(400, 120), title="Negative prompt", clip=out(clip),
                 text="blurry, low quality, watermark")
     latent = g.add("EmptyLatentImage", (0, 760), width=1024, height=1024, batch_size=1)
-    steps = 20
-    apply = procache_chain(g, out(unet), library("procache-pixart-20-7full"), 460, 0, steps)
+    steps, cfg, sampler_name, scheduler = 20, 4.5, "dpmpp_2m", "sgm_uniform"
+
+    def eoc(loader):
+        prior = g.add("ProCacheEOCPriorExtractor", (460, 520), size=(340, 420), model=out(unet), positive=out(pos),
+                      negative=out(neg), latent_image=out(latent), seed=1000, samples=4, sampler_name=sampler_name,
+                      scheduler=scheduler, steps=steps, cfg=cfg, pooling="channel", schedule=out(loader),
+                      save_name="", prior="")
+        return out(g.add("ProCacheEOCCorrection", (830, 520), size=(300, 200), prior=out(prior),
+                         saved_prior="none (connect a prior)", gamma=0.5, threshold=0.0, min_gain=0.0,
+                         end_percent=0.5))
+    apply = procache_chain(g, out(unet), library("procache-pixart-20-7full"), 460, 0, steps,
+                           eoc=eoc if with_eoc else None)
     sampler = g.add("KSampler", (1160, 0), size=(320, 262), model=out(apply), positive=out(pos), negative=out(neg),
-                    latent_image=out(latent), seed=42, control_after_generate="fixed", steps=steps, cfg=4.5,
-                    sampler_name="dpmpp_2m", scheduler="sgm_uniform", denoise=1.0)
-    image_tail(g, out(sampler), out(vae), 1520, 0, "procache/pixart_sigma")
+                    latent_image=out(latent), seed=42, control_after_generate="fixed", steps=steps, cfg=cfg,
+                    sampler_name=sampler_name, scheduler=scheduler, denoise=1.0)
+    image_tail(g, out(sampler), out(vae), 1520, 0, "procache/pixart_sigma" + ("_eoc" if with_eoc else ""))
     return g
 
 
@@ -351,6 +368,7 @@ def qwen_image() -> Graph:
 
 WORKFLOWS = {
     "procache_pixart_sigma_t2i": pixart_sigma,
+    "procache_pixart_sigma_eoc_t2i": lambda: pixart_sigma(with_eoc=True),
     "procache_pixart_alpha_t2i": pixart_alpha,
     "procache_flux_dev_t2i": lambda: flux("dev"),
     "procache_flux_schnell_t2i": lambda: flux("schnell"),
