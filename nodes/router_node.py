@@ -140,9 +140,12 @@ class HarmoniCaRouterTrainer(io.ComfyNode):
                 io.Int.Input("iterations", default=1000, min=1, max=1_000_000,
                              tooltip="Training steps (each sampler step of a trajectory is one; the first step of "
                                      "each trajectory runs without gradients). The paper used 20000 at 10 steps."),
-                io.Float.Input("beta", default=1e-5, min=0.0, max=10.0, step=1e-7,
+                # tiny values: step 1e-8 and no rounding, so the authors' 7e-8 survives the widget
+                io.Float.Input("beta", default=7e-8, min=0.0, max=1.0, step=1e-8, round=False,
                                tooltip="Weight of the compute penalty: higher caches more units (faster, less exact). "
-                                       "The only speed/quality knob; its scale depends on the model."),
+                                       "The only speed/quality knob; its scale depends on the model. The authors used "
+                                       "7e-8; on the pack's reference DiT 4e-8 to 4e-7 reused 38 to 54 % of the "
+                                       "units, and 1e-5 almost all of them."),
                 io.Float.Input("learning_rate", default=0.01, min=1e-6, max=10.0, step=0.001,
                                tooltip="AdamW on the router logits (the authors: 0.01 with 20000 iterations; "
                                        "raise it for short runs)."),
