@@ -269,5 +269,9 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     assert apply["ProCacheApply"] == expected
     assert report["apply_strip"]["pixels"]["letters"] == expected
 
+    # the HarmoniCa trainer's beta keeps the authors' 7e-8 in the browser, and it has its router widget
+    trainer = report["router_trainer"]
+    assert trainer.get("beta") == pytest.approx(7e-8, rel=1e-6) and trainer["router_widget"], trainer
+
     assert all(os.path.getsize(path) > 10000 for path in shots)
     assert "Traceback" not in server_log.read_text().split("Starting server")[-1]

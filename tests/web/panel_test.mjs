@@ -149,6 +149,18 @@ try {
     return { pixels, widgets: window.__procacheWidgets() };
   });
 
+  // The HarmoniCa trainer as the frontend builds it: its tiny beta default survives the widget
+  // (no rounding to the step), and it has the text widget its trained router is copied into.
+  report.router_trainer = await page.evaluate(() => {
+    const LG = window.LiteGraph ?? window.comfyAPI?.litegraph?.LiteGraph;
+    if (!LG) return { error: "no LiteGraph" };
+    const node = LG.createNode("ProCacheHarmoniCaRouterTrainer");
+    if (!node) return { error: "node type not registered" };
+    const beta = node.widgets?.find((w) => w.name === "beta");
+    return { beta: beta?.value, round: beta?.options?.round ?? null,
+             router_widget: !!node.widgets?.find((w) => w.name === "router") };
+  });
+
   // 5. The screenshot: the graph with its strips and the panel open.
   await page.evaluate(() => {
     const app = window.app;
