@@ -365,7 +365,7 @@ def train(model, positive, negative, latent_image, settings: dict, config: Train
     noise = comfy.sample.prepare_noise(latent, settings["seed"])
     try:
         with _differentiable_rope():
-                comfy.sample.sample_custom(patched, noise, settings["cfg"], _TrainingSampler(body), sigmas, positive,
+            comfy.sample.sample_custom(patched, noise, settings["cfg"], _TrainingSampler(body), sigmas, positive,
                                        negative, latent, seed=settings["seed"], disable_pbar=True)
     except BaseException:
         trainer = holder.get("trainer")
