@@ -35,6 +35,7 @@ log = logging.getLogger("procache")
 
 TRAINING_SAMPLERS = {"euler": "euler", "ddim": "euler", "dpmpp_2m": "dpmpp_2m"}   # ComfyUI's ddim is euler
 FROM_TEXT = "router text (below)"
+TRAINABLE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 FILE_PREFIX = "file: "
 
 
@@ -318,6 +319,11 @@ def train(model, positive, negative, latent_image, settings: dict, config: Train
     family, sentence = find_family(diffusion_model)
     if family is None:
         raise ScheduleError(f"{sentence}: a HarmoniCa router needs a model with branch-level caching")
+    stored = {p.dtype for p in diffusion_model.parameters()}
+    if not stored <= TRAINABLE_DTYPES:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in stored - TRAINABLE_DTYPES))
+        raise ScheduleError(f"router training needs fp32, fp16 or bf16 weights (gradients flow through every block); "
+                            f"this model stores {names}: load it with weight_dtype 'default' from an fp16/bf16 file")
     patched = _plain_clone(model)
     latent = comfy.sample.fix_empty_latent_channels(patched, latent_image["samples"])
     sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), settings["scheduler"],

@@ -143,3 +143,12 @@ def test_trainer_node_cancelled_then_resumed_matches_an_uninterrupted_run(pack, 
     assert not list(tmp_path.glob(".partial-*"))
     from procache_comfyui.procache_core.router import Router
     assert torch.allclose(Router.from_text(out.result[1]).logits, Router.from_text(whole).logits, atol=1e-5)
+
+
+def test_trainer_refuses_fp8_weights_with_a_reason(pack):
+    """An fp8 checkpoint (ComfyUI's manual cast) runs, but autograd cannot go back through fp8
+    weights ("add_stub not implemented for Float8_e4m3fn"): the node says why before training."""
+    from test_comfy_interop import _flux_in
+    mp = _flux_in(torch.float8_e4m3fn, torch.float32)
+    with pytest.raises(Exception, match="needs fp32, fp16 or bf16 weights.*float8_e4m3fn"):
+        pack.nodes.router_node.HarmoniCaRouterTrainer.execute(model=mp, **_trainer_args("flux"))
