@@ -145,10 +145,14 @@ def test_trainer_node_cancelled_then_resumed_matches_an_uninterrupted_run(pack, 
     assert torch.allclose(Router.from_text(out.result[1]).logits, Router.from_text(whole).logits, atol=1e-5)
 
 
-def test_trainer_refuses_fp8_weights_with_a_reason(pack):
+def test_trainer_refuses_fp8_weights_with_a_reason_and_trains_bf16(pack):
     """An fp8 checkpoint (ComfyUI's manual cast) runs, but autograd cannot go back through fp8
     weights ("add_stub not implemented for Float8_e4m3fn"): the node says why before training."""
     from test_comfy_interop import _flux_in
     mp = _flux_in(torch.float8_e4m3fn, torch.float32)
     with pytest.raises(Exception, match="needs fp32, fp16 or bf16 weights.*float8_e4m3fn"):
         pack.nodes.router_node.HarmoniCaRouterTrainer.execute(model=mp, **_trainer_args("flux"))
+    # bf16 weights train (the gradient runs back through the blocks in bf16)
+    out = pack.nodes.router_node.HarmoniCaRouterTrainer.execute(model=_flux_in(torch.bfloat16, None),
+                                                                **_trainer_args("flux"))
+    assert out.result[0].steps == 4 and "trained" in out.result[2]
