@@ -185,6 +185,20 @@ def _preview_cases(library: dict[str, str]) -> list[tuple[dict, str]]:
     return out
 
 
+def _tracebacks(log: str) -> list[list[str]]:
+    """The 'File ...' lines of each traceback in a log."""
+    found = []
+    for block in log.split("Traceback (most recent call last):")[1:]:
+        frames = []
+        for line in block.splitlines()[1:]:
+            if not line.startswith(" "):
+                break
+            if line.lstrip().startswith("File "):
+                frames.append(line)
+        found.append(frames)
+    return found
+
+
 def test_comfy_panel_in_a_real_browser(server, tmp_path):
     url, server_log = server
     library = _get(url + "/procache/schedules")
@@ -274,4 +288,7 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     assert trainer.get("beta") == pytest.approx(7e-8, rel=1e-6) and trainer["router_widget"], trainer
 
     assert all(os.path.getsize(path) > 10000 for path in shots)
-    assert "Traceback" not in server_log.read_text().split("Starting server")[-1]
+    # no traceback in the server's log; one exception: SQLAlchemy's garbage collector may report a
+    # connection of ComfyUI's own database finalised from another thread (frames all in SQLAlchemy)
+    assert [t for t in _tracebacks(server_log.read_text().split("Starting server")[-1])
+            if not all("/sqlalchemy/" in frame for frame in t)] == []
