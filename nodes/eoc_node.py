@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 
-import comfy.model_management
-import comfy.sample
 import comfy.samplers
-import comfy.utils
 import torch
 from comfy_api.latest import io
 
 from ..procache_core import Schedule
 from ..procache_core.eoc import Correction, EOCError, Prior, PriorRecorder
 from . import library
-from .runtime import ApplyConfig, attach
+from .runtime import record_full_compute
 from .schedule_loader import SCHEDULE
 
 log = logging.getLogger("procache")
@@ -130,37 +126,16 @@ class EOCPriorExtractor(io.ComfyNode):
 
 
 def _reusable(text: str, settings: dict) -> Prior | None:
-    if not text or not text.strip():
-        return None
-    try:
+    def parse(text):
         prior = Prior.from_json(text)
-    except EOCError as e:
-        log.warning("ProCache: the extractor's prior text is unusable (%s); extracting again", e)
-        return None
-    if prior.metadata.get("settings") != settings:
-        log.info("ProCache: settings changed since the EOC prior was extracted; extracting again")
-        return None
-    return prior
+        return prior, prior.metadata.get("settings")
+    return library.stored_result(text, parse, settings, "EOC prior", "extracting")
 
 
 def extract(model, positive, negative, latent_image, settings: dict, kinds=None) -> Prior:
     """Full-compute runs with a prior recorder attached; returns the prior."""
     recorder = PriorRecorder(settings["pooling"], kinds=kinds)
-    all_full = Schedule(kinds=(1,) * settings["steps"], name="EOC prior extraction")
-    patched = attach(model, ApplyConfig(schedule=all_full, recorder=recorder))
-    latent = comfy.sample.fix_empty_latent_channels(patched, latent_image["samples"])
-    steps, runs = settings["steps"], settings["samples"]
-    bar = comfy.utils.ProgressBar(runs * steps)
-    for k in range(runs):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        seed = settings["seed"] + k
-
-        def progress(step, x0, x, total, done=k * steps):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            bar.update_absolute(done + step + 1, runs * steps)
-        noise = comfy.sample.prepare_noise(latent, seed)
-        comfy.sample.sample(patched, noise, steps, settings["cfg"], settings["sampler"], settings["scheduler"],
-                            positive, negative, latent, seed=seed, callback=progress, disable_pbar=True)
+    record_full_compute(model, recorder, settings, positive, negative, latent_image, "EOC prior extraction")
     if not recorder.means:
         raise EOCError(f"{settings['model']} runs without a branch-level family (model-level fallback or a UNet): "
                        "EOC corrects branch outputs and has nothing to record here")
@@ -168,14 +143,7 @@ def extract(model, positive, negative, latent_image, settings: dict, kinds=None)
 
 
 def _save(name: str, prior: Prior) -> str:
-    safe = library.safe_name(name)
-    if not safe or safe != name:
-        raise EOCError(f"prior names may use letters, digits, '-', '_' and '.', got {name!r}")
-    folder = prior_dir()
-    if folder is None:
-        raise EOCError("ComfyUI's user directory is not available")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, safe + ".safetensors")
+    path = library.user_path(prior_dir(), name, ".safetensors", "prior", EOCError)
     prior.save(path)
     return path
 

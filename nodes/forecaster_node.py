@@ -10,16 +10,13 @@ from __future__ import annotations
 import logging
 import os
 
-import comfy.model_management
-import comfy.sample
 import comfy.samplers
-import comfy.utils
 from comfy_api.latest import io
 
 from ..procache_core import Schedule, ScheduleError
 from ..procache_core.forecast import ForecastError, ForecastFitter, Taylor, from_json
 from . import library
-from .runtime import ApplyConfig, attach
+from .runtime import record_full_compute
 from .schedule_loader import SCHEDULE
 
 log = logging.getLogger("procache")
@@ -152,47 +149,23 @@ class ProCacheForecasterTrainer(io.ComfyNode):
 
 
 def _reusable(fitted: str, settings: dict):
-    if not fitted or not fitted.strip():
-        return None
-    try:
-        forecaster = from_json(fitted)
-    except ForecastError as e:
-        log.warning("ProCache: the trainer's fitted text is unusable (%s); calibrating again", e)
-        return None
-    if getattr(forecaster, "metadata", {}).get("settings") != settings:
-        log.info("ProCache: settings changed since the forecaster was fitted; calibrating again")
-        return None
-    return forecaster
+    def parse(text):
+        forecaster = from_json(text)
+        return forecaster, getattr(forecaster, "metadata", {}).get("settings")
+    return library.stored_result(fitted, parse, settings, "fitted forecaster", "calibrating")
 
 
 def calibrate(model, positive, negative, latent_image, schedule: Schedule, settings: dict):
     """Full-compute runs with a recorder attached; returns the fitted forecaster."""
     fitter = ForecastFitter(schedule.kinds, history=settings["history"], grouping=settings["grouping"])
-    all_full = Schedule(kinds=(1,) * schedule.steps, name="calibration")
-    patched = attach(model, ApplyConfig(schedule=all_full, recorder=fitter))
-    latent = comfy.sample.fix_empty_latent_channels(patched, latent_image["samples"])
-    bar = comfy.utils.ProgressBar(settings["samples"])
-    for k in range(settings["samples"]):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        seed = settings["seed"] + k
-        noise = comfy.sample.prepare_noise(latent, seed)
-        comfy.sample.sample(patched, noise, settings["steps"], settings["cfg"], settings["sampler"],
-                            settings["scheduler"], positive, negative, latent, seed=seed, disable_pbar=True)
-        bar.update(1)
+    record_full_compute(model, fitter, settings, positive, negative, latent_image, "calibration")
     if fitter.samples == 0:
         raise ScheduleError("the schedule has no cached steps (or the model runs at model level): nothing to fit")
     return fitter.fit({"settings": settings, "model": type(model.model.diffusion_model).__name__})
 
 
 def _save(name: str, text: str) -> str:
-    safe = "".join(c for c in name if c.isalnum() or c in "-_.").strip(".")
-    if not safe or safe != name:
-        raise ForecastError(f"forecaster names may use letters, digits, '-', '_' and '.', got {name!r}")
-    folder = forecaster_dir()
-    if folder is None:
-        raise ForecastError("ComfyUI's user directory is not available")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, safe + ".json")
+    path = library.user_path(forecaster_dir(), name, ".json", "forecaster", ForecastError)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text + "\n")
     return path

@@ -2,14 +2,19 @@
 in ComfyUI's user directory (`<user>/procache/schedules`).
 
 Schedules are looked up by listed name only: a name is never joined onto a path, so nothing
-outside these folders can be read. Files are JSON; nothing is unpickled.
+outside these folders can be read. Files are JSON; nothing is unpickled. The same rules serve the
+user's other saved files (forecasters, routers, EOC priors: `pack_dir`, `saved_files`, `user_path`),
+and `stored_result` reads back what a node kept in its own widget.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from ..procache_core import Schedule, ScheduleError
+
+log = logging.getLogger("procache")
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schedules")
 MAX_FILE_BYTES = 1 << 20
@@ -87,17 +92,44 @@ def safe_name(name: str) -> str:
     return "".join(c for c in name if c.isalnum() or c in "-_.").strip(".")
 
 
+def user_path(folder: str | None, name: str, suffix: str, what: str, error: type[Exception] = ScheduleError) -> str:
+    """`<folder>/<name><suffix>` for a name the user typed (a plain file name, nothing else), with
+    the folder created; `error` (naming `what`) for a bad name or no user directory."""
+    if folder is None:
+        raise error("ComfyUI's user directory is not available")
+    check_name(name, what, error)
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name + suffix)
+
+
+def check_name(name: str, what: str, error: type[Exception] = ScheduleError) -> None:
+    """`error` unless `name` is a plain file name (letters, digits, '-', '_', '.'; no leading dot)."""
+    safe = safe_name(name)
+    if not safe or safe != name:
+        raise error(f"{what} names may use letters, digits, '-', '_' and '.', got {name!r}")
+
+
+def stored_result(text: str, parse, settings: object, what: str, again: str):
+    """What a node kept in its own text widget (the stored-results web extension fills it in), if it
+    was made with these settings; None (and a log line saying why) when the node must compute it
+    `again`. `parse(text)` gives (value, the settings it was made with) or raises ValueError."""
+    if not text or not text.strip():
+        return None
+    try:
+        value, made_with = parse(text)
+    except ValueError as e:
+        log.warning("ProCache: the %s text is unusable (%s); %s again", what, e, again)
+        return None
+    if made_with != settings:
+        log.info("ProCache: settings changed since the %s was made; %s again", what, again)
+        return None
+    return value
+
+
 def save_user(schedule: Schedule, name: str, extra: dict | None = None) -> str:
     """Write a schedule into the user's folder; the name is a plain file name, nothing else.
     `extra` adds top-level keys (e.g. the search metadata) that readers of the format ignore."""
-    folder = user_dir()
-    if folder is None:
-        raise ScheduleError("ComfyUI's user directory is not available")
-    safe = safe_name(name)
-    if not safe or safe != name:
-        raise ScheduleError(f"schedule names may use letters, digits, '-', '_' and '.', got {name!r}")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, safe + ".json")
+    path = user_path(user_dir(), name, ".json", "schedule")
     doc = schedule.to_dict()
     for key, value in (extra or {}).items():
         doc.setdefault(key, value)

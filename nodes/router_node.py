@@ -28,7 +28,7 @@ from ..procache_core import ScheduleError, find_family
 from ..procache_core.router import Router
 from ..procache_core.router_training import LAMBDA_MODES, RouterTrainer, SigmaProblem, TrainingConfig, TrainingState
 from . import library
-from .runtime import CONFIG_KEY, WRAPPER_KEY
+from .runtime import plain_clone
 from .schedule_loader import SCHEDULE, describe
 
 log = logging.getLogger("procache")
@@ -59,13 +59,6 @@ def load_router(source: str, text: str) -> Router:
             raise ScheduleError(f"no saved router named {source[len(FILE_PREFIX):]!r}")
         return Router.load(path)
     raise ScheduleError(f"unknown router source {source!r}")
-
-
-def _safe_name(name: str) -> str:
-    safe = "".join(c for c in name if c.isalnum() or c in "-_.").strip(".")
-    if not safe or safe != name:
-        raise ScheduleError(f"router names may use letters, digits, '-', '_' and '.', got {name!r}")
-    return safe
 
 
 def report(router: Router) -> str:
@@ -188,51 +181,25 @@ class HarmoniCaRouterTrainer(io.ComfyNode):
                                     lambda_period=lambda_period, lambda_mode=lambda_mode, seed=seed % (2 ** 31))
             trained, note = train(model, positive, negative, latent_image, settings, config, resume)
         if save_name:
-            folder = router_dir()
-            if folder is None:
-                raise ScheduleError("ComfyUI's user directory is not available")
-            os.makedirs(folder, exist_ok=True)
-            trained.save(os.path.join(folder, _safe_name(save_name) + ".safetensors"))
+            trained.save(library.user_path(router_dir(), save_name, ".safetensors", "router"))
         text = trained.to_text()
         summary = f"{note}\n{report(trained)}"
         return io.NodeOutput(trained.to_schedule(), text, summary, ui={"text": [summary], "router": [text]})
 
 
 def _reusable(text: str, settings: dict) -> Router | None:
-    if not text or not text.strip():
-        return None
-    try:
+    def parse(text):
         router = Router.from_text(text)
-    except ScheduleError as e:
-        log.warning("ProCache: the trainer's router text is unusable (%s); training again", e)
-        return None
-    if router.metadata.get("settings") != json.dumps(settings, sort_keys=True):
-        log.info("ProCache: settings changed since the router was trained; training again")
-        return None
-    return router
+        return router, router.metadata.get("settings")      # kept as JSON text (safetensors metadata)
+    return library.stored_result(text, parse, json.dumps(settings, sort_keys=True), "HarmoniCa router", "training")
 
 
 def _partial_path(settings: dict, model) -> str | None:
     folder = router_dir()
     if folder is None:
         return None
-    key = json.dumps({"settings": settings, "model": _model_name(model)}, sort_keys=True)
+    key = json.dumps({"settings": settings, "model": type(model.model.diffusion_model).__name__}, sort_keys=True)
     return os.path.join(folder, f".partial-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors")
-
-
-def _model_name(model) -> str:
-    diffusion_model = model.model.diffusion_model
-    return f"{type(diffusion_model).__name__}"
-
-
-def _plain_clone(model):
-    """The model without ProCache's own wrappers: training routes the blocks itself."""
-    import comfy.patcher_extension
-    clone = model.clone()
-    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
-        clone.remove_wrappers_with_key(kind, WRAPPER_KEY)
-    clone.model_options.get("transformer_options", {}).pop(CONFIG_KEY, None)
-    return clone
 
 
 def _trainable(module: torch.nn.Module) -> None:
@@ -324,7 +291,7 @@ def train(model, positive, negative, latent_image, settings: dict, config: Train
         names = ", ".join(sorted(str(d).replace("torch.", "") for d in stored - TRAINABLE_DTYPES))
         raise ScheduleError(f"router training needs fp32, fp16 or bf16 weights (gradients flow through every block); "
                             f"this model stores {names}: load it with weight_dtype 'default' from an fp16/bf16 file")
-    patched = _plain_clone(model)
+    patched = plain_clone(model)      # training routes the blocks itself
     latent = comfy.sample.fix_empty_latent_channels(patched, latent_image["samples"])
     sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), settings["scheduler"],
                                              settings["steps"]).cpu()
@@ -337,7 +304,7 @@ def train(model, positive, negative, latent_image, settings: dict, config: Train
             note = f"resumed at iteration {state.iteration}"
         except Exception as e:      # a damaged partial file only costs the progress it held
             log.warning("ProCache: could not resume router training (%s); starting over", e)
-    metadata = {"model": _model_name(model), "family": family.name, "sampler": settings["sampler"],
+    metadata = {"model": type(diffusion_model).__name__, "family": family.name, "sampler": settings["sampler"],
                 "scheduler": settings["scheduler"], "steps": settings["steps"], "cfg": settings["cfg"],
                 "sigmas": json.dumps([round(float(s), 6) for s in sigmas]),
                 "settings": json.dumps(settings, sort_keys=True)}

@@ -15,8 +15,11 @@ import dataclasses
 import logging
 import threading
 
+import comfy.model_management
 import comfy.patcher_extension
+import comfy.sample
 import comfy.samplers
+import comfy.utils
 import torch
 
 from . import events
@@ -84,15 +87,43 @@ def _library_patterns() -> dict[str, str]:
 events.register_routes(LAST_RUNS, _library_patterns)
 
 
+def plain_clone(model):
+    """A clone of `model` (a ModelPatcher) without ProCache's wrappers and settings."""
+    clone = model.clone()
+    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
+        clone.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    clone.model_options.get("transformer_options", {}).pop(CONFIG_KEY, None)
+    return clone
+
+
 def attach(model, config: ApplyConfig):
     """A clone of `model` (a ModelPatcher) that caches per `config`; `model` is left untouched."""
-    patched = model.clone()
-    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
-        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)      # a second Apply replaces the first
+    patched = plain_clone(model)        # a second Apply replaces the first
     patched.model_options.setdefault("transformer_options", {})[CONFIG_KEY] = config
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return patched
+
+
+def record_full_compute(model, recorder, settings: dict, positive, negative, latent_image, name: str) -> None:
+    """`settings["samples"]` full-compute sampling runs on seeds `settings["seed"]`, +1, ... with
+    `recorder` attached (a forecaster's or an EOC prior's calibration); ComfyUI's progress bar
+    counts their steps and Cancel stops them."""
+    patched = attach(model, ApplyConfig(schedule=Schedule(kinds=(1,) * settings["steps"], name=name),
+                                        recorder=recorder))
+    latent = comfy.sample.fix_empty_latent_channels(patched, latent_image["samples"])
+    steps, runs = settings["steps"], settings["samples"]
+    bar = comfy.utils.ProgressBar(runs * steps)
+    for k in range(runs):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        seed = settings["seed"] + k
+
+        def progress(step, x0, x, total, done=k * steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(done + step + 1, runs * steps)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        comfy.sample.sample(patched, noise, steps, settings["cfg"], settings["sampler"], settings["scheduler"],
+                            positive, negative, latent, seed=seed, callback=progress, disable_pbar=True)
 
 
 def describe_model(model) -> tuple[str, str]:

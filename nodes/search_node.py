@@ -225,8 +225,8 @@ class ProCacheScheduleSearch(io.ComfyNode):
         try:
             if None not in values:          # a linked input is known only when the node runs
                 constraints_from(*values)
-            if save_name and library.safe_name(save_name) != save_name:
-                raise ScheduleError(f"schedule names may use letters, digits, '-', '_' and '.', got {save_name!r}")
+            if save_name:
+                library.check_name(save_name, "schedule")
         except ScheduleError as e:
             return str(e)
         return True
@@ -306,18 +306,11 @@ class ProCacheScheduleSearch(io.ComfyNode):
 
 def _stored_result(text: str, settings: dict) -> Schedule | None:
     """The schedule in the node's `searched` text, if it was searched with these settings."""
-    if not text or not text.strip():
-        return None
-    try:
+    def parse(text):
         doc = json.loads(text)
-        schedule = Schedule.from_dict(doc, where="searched")
-    except (ValueError, ScheduleError) as e:
-        log.warning("ProCache: the search node's stored result is unusable (%s); searching again", e)
-        return None
-    if not isinstance(doc.get("search"), dict) or doc["search"].get("settings") != settings:
-        log.info("ProCache: search settings changed since the stored result; searching again")
-        return None
-    return schedule
+        search = doc.get("search") if isinstance(doc, dict) else None
+        return Schedule.from_dict(doc, where="searched"), search.get("settings") if isinstance(search, dict) else None
+    return library.stored_result(text, parse, settings, "searched schedule", "searching")
 
 
 def note_image(lines: list[str], width: int = 640, height: int = 160) -> torch.Tensor:
