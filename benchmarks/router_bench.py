@@ -23,26 +23,21 @@ import time
 
 import torch
 
-from procache_core import Schedule, SchedulePolicy, find_family, uniform
+from procache_core import Schedule, SchedulePolicy, uniform
 from procache_core.reference.sampling import sample
 from procache_core.router import Router
-from procache_core.router_training import ReferenceProblem, RouterTrainer, TrainingConfig
 
 from .judge import frechet_distance, load_judge
 from .reference_bench import CFG_SCALE, RESULTS, SEED
 from .train_reference import load_reference
+from .train_router import reference_config, reference_trainer
 
 TRAIN_SEED = 3000        # trajectories the routers are trained on; never the held-out SEED
 
 
 def train(model, steps, beta, args, lambda_mode="code", log=print) -> tuple[Router, float]:
-    family, _ = find_family(model)
-    problem = ReferenceProblem(model, steps, cfg=CFG_SCALE, batch=args.batch, seed=TRAIN_SEED)
-    config = TrainingConfig(iterations=args.trajectories * steps, beta=beta, lr=args.lr, tau=args.tau,
-                            lambda_period=args.lambda_period * steps, lambda_mode=lambda_mode, seed=0)
-    trainer = RouterTrainer(problem, family, config,
-                            metadata={"model": "reference DiT (digits)", "sampler": "ddim", "steps": steps,
-                                      "cfg": CFG_SCALE, "train_seed": TRAIN_SEED, "batch": args.batch})
+    config = reference_config(steps, beta, lambda_mode, args.trajectories, args.lr, args.tau, args.lambda_period)
+    trainer = reference_trainer(model, config, steps, args.batch, TRAIN_SEED, CFG_SCALE)
     start = time.perf_counter()
     router = trainer.run()
     seconds = time.perf_counter() - start

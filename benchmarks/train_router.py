@@ -48,15 +48,29 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def reference_config(steps: int, beta: float, lambda_mode: str, trajectories: int, lr: float, tau: float,
+                     lambda_period: int) -> TrainingConfig:
+    """Training settings counted in trajectories (`trajectories`, `lambda_period`) as iterations."""
+    return TrainingConfig(iterations=trajectories * steps, beta=beta, lr=lr, tau=tau,
+                          lambda_period=lambda_period * steps, lambda_mode=lambda_mode, seed=0)
+
+
+def reference_trainer(model, config: TrainingConfig, steps: int, batch: int, seed: int, cfg: float,
+                      state: TrainingState | None = None) -> RouterTrainer:
+    """SDT + IEPO on the reference DiT with DDIM `steps` (the CLI's and the router benchmark's)."""
+    family, _ = find_family(model)
+    metadata = {"model": "reference DiT (digits)", "family": family.name, "sampler": "ddim", "steps": steps,
+                "cfg": cfg, "train_seed": seed, "batch": batch}
+    problem = ReferenceProblem(model, steps, cfg=cfg, batch=batch, seed=seed)
+    return RouterTrainer(problem, family, config, state=state, metadata=metadata)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_reference()
-    family, _ = find_family(model)
-    config = TrainingConfig(iterations=args.trajectories * args.steps, beta=args.beta, lr=args.lr, tau=args.tau,
-                            lambda_period=args.lambda_period * args.steps, lambda_mode=args.lambda_mode, seed=0)
-    metadata = {"model": "reference DiT (digits)", "family": family.name, "sampler": "ddim", "steps": args.steps,
-                "cfg": args.cfg, "train_seed": args.seed, "batch": args.batch}
+    config = reference_config(args.steps, args.beta, args.lambda_mode, args.trajectories, args.lr, args.tau,
+                              args.lambda_period)
     partial = args.out + ".partial"
     state = None
     if args.resume:
@@ -69,8 +83,7 @@ def main(argv=None) -> int:
             print(f"{partial} was written with other settings: {saved.get('config')}", file=sys.stderr)
             return 2
         print(f"resuming at iteration {state.iteration} of {config.iterations}")
-    problem = ReferenceProblem(model, args.steps, cfg=args.cfg, batch=args.batch, seed=args.seed)
-    trainer = RouterTrainer(problem, family, config, state=state, metadata=metadata)
+    trainer = reference_trainer(model, config, args.steps, args.batch, args.seed, args.cfg, state)
     started = time.perf_counter()
 
     def progress(iteration, total, info):
