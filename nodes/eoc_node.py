@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import logging
 
-import comfy.samplers
 import torch
 from comfy_api.latest import io
 
 from ..procache_core import Schedule
 from ..procache_core.eoc import Correction, EOCError, Prior, PriorRecorder
 from . import library
-from .runtime import record_full_compute
+from .runtime import record_full_compute, sampling_inputs
 from .schedule_loader import SCHEDULE
 
 log = logging.getLogger("procache")
@@ -75,10 +74,7 @@ class EOCPriorExtractor(io.ComfyNode):
                 io.Int.Input("samples", default=8, min=1, max=256,
                              tooltip="Full-compute runs to average (each costs one normal sampling run). More "
                                      "seeds: a prior that fits new seeds better."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="As in your KSampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="As in your KSampler."),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="As in your KSampler."),
-                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, tooltip="As in your KSampler."),
+                *sampling_inputs(),
                 io.Combo.Input("pooling", options=["channel", "token"], default="channel",
                                tooltip="channel: one mean vector per step and branch (small, fits in the workflow). "
                                        "token: a mean per token (as the paper; much larger, tied to the resolution)."),

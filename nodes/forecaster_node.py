@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import os
 
-import comfy.samplers
 from comfy_api.latest import io
 
 from ..procache_core import Schedule, ScheduleError
 from ..procache_core.forecast import ForecastError, ForecastFitter, Taylor, from_json
 from . import library
-from .runtime import record_full_compute
+from .runtime import record_full_compute, sampling_inputs
 from .schedule_loader import SCHEDULE
 
 log = logging.getLogger("procache")
@@ -110,10 +109,7 @@ class ProCacheForecasterTrainer(io.ComfyNode):
                              tooltip="First calibration seed; the others follow it."),
                 io.Int.Input("samples", default=2, min=1, max=16,
                              tooltip="Full-compute calibration runs. Each costs one normal sampling run."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="As in your KSampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="As in your KSampler."),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="As in your KSampler."),
-                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, tooltip="As in your KSampler."),
+                *sampling_inputs(),
                 io.Int.Input("history", default=2, min=1, max=3,
                              tooltip="How many past full-step values each forecast combines (memory: this many "
                                      "tensors per cached branch and CFG stream)."),

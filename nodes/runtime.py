@@ -21,6 +21,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import torch
+from comfy_api.latest import io
 
 from . import events
 from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
@@ -103,6 +104,17 @@ def attach(model, config: ApplyConfig):
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return patched
+
+
+def sampling_inputs() -> list:
+    """sampler_name, scheduler, steps and cfg, as in the KSampler: the settings of the calibration
+    runs `record_full_compute` makes, which should match the user's sampler."""
+    return [
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="As in your KSampler."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="As in your KSampler."),
+        io.Int.Input("steps", default=20, min=1, max=1000, tooltip="As in your KSampler."),
+        io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, tooltip="As in your KSampler."),
+    ]
 
 
 def record_full_compute(model, recorder, settings: dict, positive, negative, latent_image, name: str) -> None:
