@@ -35,8 +35,9 @@ from .train_router import reference_config, reference_trainer
 TRAIN_SEED = 3000        # trajectories the routers are trained on; never the held-out SEED
 
 
-def train(model, steps, beta, args, lambda_mode="code", log=print) -> tuple[Router, float]:
-    config = reference_config(steps, beta, lambda_mode, args.trajectories, args.lr, args.tau, args.lambda_period)
+def train(model, steps, beta, args, lambda_mode="code", refresh_credit=False, log=print) -> tuple[Router, float]:
+    config = reference_config(steps, beta, lambda_mode, args.trajectories, args.lr, args.tau, args.lambda_period,
+                              args.max_reuse, refresh_credit)
     trainer = reference_trainer(model, config, steps, args.batch, TRAIN_SEED, CFG_SCALE)
     start = time.perf_counter()
     router = trainer.run()
@@ -59,6 +60,9 @@ def main(argv=None):
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=4, help="noises per training trajectory (x2 for CFG)")
     parser.add_argument("--samples", type=int, default=300, help="held-out samples")
+    parser.add_argument("--credit-betas", default="5e-8,1e-7,2.5e-7",
+                        help="the same for lambda_mode='paper' with refresh credit (an option beyond the paper)")
+    parser.add_argument("--max-reuse", type=int, default=0, help="train every router with this reuse limit (0: none)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
@@ -78,7 +82,7 @@ def main(argv=None):
         row = {"method": method, "setting": setting, "cur": round(cur, 4), "flops_speedup": round(flops_speedup, 3),
                **{k: round(v, 4) for k, v in scores.items()}}
         rows.append(row)
-        print(f"  {method:<34} {setting:<26} CUR {100 * cur:5.1f}%  flops {flops_speedup:4.2f}x  fd {row['fd']:.4f}  "
+        print(f"  {method:<48} {setting:<26} CUR {100 * cur:5.1f}%  flops {flops_speedup:4.2f}x  fd {row['fd']:.4f}  "
               f"fd vs full {row['fd_vs_full']:.4f}  psnr {row['psnr']:6.2f}  acc {row['accuracy']:.3f}")
         return row
 
@@ -122,15 +126,21 @@ def main(argv=None):
         trained.append(("code", beta) + train(model, steps, beta, args))
     for beta in [float(b) for b in args.paper_betas.split(",") if b.strip()]:
         trained.append(("paper", beta) + train(model, steps, beta, args, lambda_mode="paper"))
+    for beta in [float(b) for b in args.credit_betas.split(",") if b.strip()]:
+        trained.append(("paper+credit", beta) + train(model, steps, beta, args, "paper", refresh_credit=True))
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     for mode, beta, router, seconds in trained:
         images, speedup = scheduled(router.to_schedule())
         cur = router.cache_usage_ratio()
-        row = judge_row(f"HarmoniCa router ({mode} lambda)", f"beta {beta:g}", images, cur, speedup)
+        method = ("HarmoniCa router (paper lambda, refresh credit)" if mode == "paper+credit"
+                  else f"HarmoniCa router ({mode} lambda)")
+        if args.max_reuse:
+            method += f", max reuse {args.max_reuse}"
+        row = judge_row(method, f"beta {beta:g}", images, cur, speedup)
         row["train_seconds"] = round(seconds, 1)
         row["heatmap"] = router.heatmap()
-        name = f"router_bench_T{steps}_{mode}_beta{beta:g}{suffix}.safetensors"
+        name = f"router_bench_T{steps}_{mode.replace('+', '_')}_beta{beta:g}{suffix}.safetensors"
         router.save(os.path.join(args.out, name))
         routers.append(name)
         fewer(cur)
@@ -138,7 +148,7 @@ def main(argv=None):
 
     doc = {"steps": steps, "cfg": CFG_SCALE, "held_out_seed": SEED, "held_out_samples": args.samples,
            "train_seed": TRAIN_SEED, "training": {k: getattr(args, k) for k in
-                                                  ("trajectories", "lambda_period", "lr", "tau", "batch")},
+                                                  ("trajectories", "lambda_period", "lr", "tau", "batch", "max_reuse")},
            "routers": routers, "rows": rows}
     with open(os.path.join(args.out, f"router_bench{suffix}.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
@@ -148,6 +158,9 @@ def main(argv=None):
              f"{args.lambda_period} trajectories; judged on held-out seed {SEED} ({args.samples} samples).", "",
              "CUR: reused units / all units (first step included). FD: Fréchet distance to the real digits in the "
              "judge's features; FD vs full: to the full-compute samples of the same seeds; PSNR against them.", "",
+             "Refresh credit (an option beyond the paper, docs/harmonica.md): each step's compute is also credited "
+             "with what its fresher cache saves at the later steps that reuse it."
+             + (f" Every router here was trained with max_reuse {args.max_reuse}." if args.max_reuse else ""), "",
              "| method | setting | CUR | FLOPs speedup | FD ↓ | FD vs full ↓ | PSNR vs full ↑ | accuracy ↑ |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["cur"], r["method"])):

@@ -41,6 +41,10 @@ def parse_args(argv=None):
     parser.add_argument("--tau", type=float, default=0.1, help="a unit computes when sigmoid(logit) > tau")
     parser.add_argument("--lambda-period", type=int, default=15, help="C, in trajectories")
     parser.add_argument("--lambda-mode", choices=LAMBDA_MODES, default="code")
+    parser.add_argument("--max-reuse", type=int, default=0,
+                        help="a unit computes after reusing this many steps in a row (0: no limit, the method's)")
+    parser.add_argument("--refresh-credit", action="store_true",
+                        help="credit each compute with what its fresher cache saves at later steps")
     parser.add_argument("--batch", type=int, default=4, help="noises per trajectory (x2 for CFG)")
     parser.add_argument("--seed", type=int, default=3000, help="seed of the training noise and labels")
     parser.add_argument("--threads", type=int, default=1)
@@ -49,10 +53,11 @@ def parse_args(argv=None):
 
 
 def reference_config(steps: int, beta: float, lambda_mode: str, trajectories: int, lr: float, tau: float,
-                     lambda_period: int) -> TrainingConfig:
+                     lambda_period: int, max_reuse: int = 0, refresh_credit: bool = False) -> TrainingConfig:
     """Training settings counted in trajectories (`trajectories`, `lambda_period`) as iterations."""
     return TrainingConfig(iterations=trajectories * steps, beta=beta, lr=lr, tau=tau,
-                          lambda_period=lambda_period * steps, lambda_mode=lambda_mode, seed=0)
+                          lambda_period=lambda_period * steps, lambda_mode=lambda_mode, seed=0,
+                          max_reuse=max_reuse, refresh_credit=refresh_credit)
 
 
 def reference_trainer(model, config: TrainingConfig, steps: int, batch: int, seed: int, cfg: float,
@@ -70,7 +75,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = load_reference()
     config = reference_config(args.steps, args.beta, args.lambda_mode, args.trajectories, args.lr, args.tau,
-                              args.lambda_period)
+                              args.lambda_period, args.max_reuse, args.refresh_credit)
     partial = args.out + ".partial"
     state = None
     if args.resume:

@@ -159,6 +159,16 @@ class HarmoniCaRouterTrainer(io.ComfyNode):
                 io.String.Input("router", multiline=True, default="", optional=True,
                                 tooltip="Filled in after a run: the trained router, kept in the workflow. While the "
                                         "settings match, it is used without training again."),
+                # beyond the paper (docs/harmonica.md): off by default; last, so older workflows keep their values
+                io.Int.Input("max_reuse", default=0, min=0, max=1000, optional=True,
+                             tooltip="0: the method as published. N > 0: a unit computes after reusing N steps in a "
+                                     "row (in training and in the router), so no cache goes stale for long. 3 is a "
+                                     "good start."),
+                io.Boolean.Input("refresh_credit", default=False, optional=True,
+                                 tooltip="Off: the method as published. On: each step's compute is also credited "
+                                         "with what its fresher cache saves at the steps that reuse it. On the "
+                                         "reference DiT it gave routers that beat evenly spaced reuse at the same "
+                                         "cache usage; the published loss did not."),
             ],
             outputs=[
                 SCHEDULE.Output(display_name="schedule", tooltip="Connect to ProCache Apply."),
@@ -169,16 +179,23 @@ class HarmoniCaRouterTrainer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, sampler_name, scheduler, steps, cfg, iterations,
-                beta, learning_rate, tau, lambda_period, lambda_mode, resume=True, save_name="", router="") -> io.NodeOutput:
+                beta, learning_rate, tau, lambda_period, lambda_mode, resume=True, save_name="", router="",
+                max_reuse=0, refresh_credit=False) -> io.NodeOutput:
         settings = {"seed": seed, "sampler": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
                     "iterations": iterations, "beta": beta, "lr": learning_rate, "tau": tau,
                     "lambda_period": lambda_period, "lambda_mode": lambda_mode,
                     "latent": list(latent_image["samples"].shape)}
+        # only when set, so a router trained before these options existed still matches its settings
+        if max_reuse:
+            settings["max_reuse"] = max_reuse
+        if refresh_credit:
+            settings["refresh_credit"] = True
         trained = _reusable(router, settings)
         note = "router text reused (settings unchanged)"
         if trained is None:
             config = TrainingConfig(iterations=iterations, beta=beta, lr=learning_rate, tau=tau,
-                                    lambda_period=lambda_period, lambda_mode=lambda_mode, seed=seed % (2 ** 31))
+                                    lambda_period=lambda_period, lambda_mode=lambda_mode, seed=seed % (2 ** 31),
+                                    max_reuse=max_reuse, refresh_credit=bool(refresh_credit))
             trained, note = train(model, positive, negative, latent_image, settings, config, resume)
         if save_name:
             trained.save(library.user_path(router_dir(), save_name, ".safetensors", "router"))

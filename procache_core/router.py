@@ -71,6 +71,25 @@ def _present(block, branch) -> bool:
     return resolve(block, branch.path) is not None
 
 
+class ReuseLimit:
+    """Counts, per unit, the steps it has reused in a row, and makes a unit that has reused
+    `max_reuse` steps in a row compute (0: no limit). Fed one step's compute row at a time."""
+
+    def __init__(self, units: int, max_reuse: int):
+        self.max_reuse = int(max_reuse)
+        self.run = torch.zeros(units, dtype=torch.long)
+
+    def reset(self) -> None:
+        self.run.zero_()
+
+    def forced(self, compute: torch.Tensor) -> torch.Tensor:
+        """[units] bool: the units this limit makes compute at this step (updates the counts)."""
+        compute = compute.detach().to("cpu", torch.bool)
+        forced = ~compute & (self.run >= self.max_reuse) if self.max_reuse else torch.zeros_like(compute)
+        self.run = torch.where(compute | forced, torch.zeros_like(self.run), self.run + 1)
+        return forced
+
+
 @dataclasses.dataclass
 class Router:
     """logits: [steps, units] float32. metadata: strings (what it was trained on and how)."""
@@ -120,6 +139,17 @@ class Router:
         mask = self.probabilities() > self.tau
         mask[0] = True
         return mask
+
+    def limit_reuse(self, max_reuse: int) -> "Router":
+        """This router with every unit made to compute after `max_reuse` reused steps in a row
+        (the forced units' logits set to +5, so the file says what runs)."""
+        if max_reuse < 1:
+            return self
+        logits, limit = self.logits.clone(), ReuseLimit(self.units, max_reuse)
+        mask = self.mask()
+        for k in range(self.steps):
+            logits[k][limit.forced(mask[k])] = FIRST_STEP_LOGIT
+        return Router(logits, self.tau, {**self.metadata, "max_reuse": str(max_reuse)})
 
     def cache_usage_ratio(self) -> float:
         """Reused units over all units of the run, the first step included (the papers' CUR)."""

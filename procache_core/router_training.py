@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .families.base import FamilySpec, resolve
-from .router import FIRST_STEP_LOGIT, LOGIT_BOUND, Router, tied_columns, unit_columns
+from .router import FIRST_STEP_LOGIT, LOGIT_BOUND, ReuseLimit, Router, tied_columns, unit_columns
 from .schedule import ScheduleError
 
 LAMBDA_MODES = ("code", "paper")
@@ -68,6 +68,10 @@ class TrainingConfig:
     lambda_period: int = 500    # C: lambda is recomputed every C training steps
     lambda_mode: str = "code"
     seed: int = 0               # logits init (trajectory seeds come from the problem)
+    # Two options beyond the method (off by default), for models where the learned table reuses
+    # one stale cache for many steps in a row (docs/harmonica.md, "Options beyond the paper"):
+    max_reuse: int = 0          # > 0: a unit computes after reusing this many steps in a row
+    refresh_credit: bool = False    # credit a step's compute with what its fresher cache saves later
 
     def __post_init__(self):
         if self.lambda_mode not in LAMBDA_MODES:
@@ -78,6 +82,8 @@ class TrainingConfig:
             raise ScheduleError("iterations and lambda_period must be at least 1")
         if self.beta < 0 or self.lr <= 0:
             raise ScheduleError("beta must be >= 0 and lr > 0")
+        if self.max_reuse < 0:
+            raise ScheduleError(f"max_reuse must be >= 0 (0: no limit), got {self.max_reuse}")
 
 
 class SoftUnits:
@@ -89,7 +95,8 @@ class SoftUnits:
     cache is keyed per model call of a pass, so cond and uncond run in separate calls keep theirs.
     """
 
-    def __init__(self, family: FamilySpec, model: nn.Module, tau: float):
+    def __init__(self, family: FamilySpec, model: nn.Module, tau: float, max_reuse: int = 0,
+                 refresh_credit: bool = False):
         self.family, self.model, self.tau = family, model, tau
         self.blocks = family.blocks(model)
         self.units = 2 * len(self.blocks)
@@ -97,10 +104,20 @@ class SoftUnits:
         self.owner = torch.tensor([tied.get(j, j) for j in range(self.units)])
         self.cache: dict = {}
         self.weights: torch.Tensor | None = None
+        self.limit = ReuseLimit(self.units, max_reuse)
+        self.refresh_credit = refresh_credit
+        self.history: dict = {}     # cache key -> [(step, column, w, delta, written)], oldest first
+        self.used: list = []        # (cache key, the cached tensor as a leaf) read by this step's student
+        self.pending: list = []     # this step's history entries, added after its credit is given
         self._call = -1
+        self._step = 0
 
     def clear(self) -> None:
         self.cache.clear()
+        self.history.clear()
+        self.used.clear()
+        self.pending.clear()
+        self.limit.reset()
 
     @contextlib.contextmanager
     def attached(self):
@@ -118,13 +135,43 @@ class SoftUnits:
             yield self
 
     @contextlib.contextmanager
-    def weighted(self, weights: torch.Tensor | None):
-        """One pass with these [units] weights (None: teacher)."""
-        self.weights, self._call = weights, -1
+    def weighted(self, weights: torch.Tensor | None, step: int = 0):
+        """One pass with these [units] weights (None: teacher), once per sampler step and in order
+        for the reuse limit; units it makes compute get weight 1 (and no gradient)."""
+        if weights is not None:
+            forced = self.limit.forced(weights.detach() > self.tau).to(weights.device)
+            weights = torch.where(forced, torch.ones_like(weights), weights)
+        self.weights, self._call, self._step = weights, -1, step
         try:
             yield
         finally:
             self.weights = None
+
+    def give_refresh_credit(self, grad: torch.Tensor, logits: torch.Tensor) -> None:
+        """After a student pass's backward: add to `grad` (of `logits`, [steps, units]) what each
+        earlier step's weight is worth through the cache this step read. A unit's cache after step j
+        is C_j = C_{j-1} + w_j * (f_j - C_{j-1}) where written (w_j > tau), so d C_{k-1} / d w_j =
+        (f_j - C_{j-1}) * prod over later writes i of (1 - w_i); a reused step (not written) is
+        credited as if its weight had moved the cache by that much, which is what computing it
+        would have done. Then this step's entries join the history."""
+        for key, leaf in self.used:
+            if leaf.grad is None:
+                continue
+            entries, carry = self.history.get(key, []), 1.0
+            for n in range(len(entries) - 1, -1, -1):
+                step, column, w, delta, written = entries[n]
+                if w is not None:
+                    p = torch.sigmoid(logits[step, self.owner[column]].detach())
+                    grad[step, self.owner[column]] += carry * float((leaf.grad.float() * delta).sum()) * p * (1 - p)
+                if written:
+                    carry *= 1.0 - (1.0 if w is None else w)
+                if carry < 1e-4:
+                    del entries[:n]     # older entries can no longer reach any later step
+                    break
+        self.used.clear()
+        for key, entry in self.pending:
+            self.history.setdefault(key, []).append(entry)
+        self.pending.clear()
 
     def _new_call(self, module, args):
         self._call += 1
@@ -138,11 +185,19 @@ class SoftUnits:
                 w = self.weights[column]
                 key = (self._call, index, name)
                 cached = self.cache.get(key)
+                written = cached is None or float(w.detach()) > self.tau
                 if cached is None or cached.shape != fresh.shape:
                     out = fresh
+                elif self.refresh_credit and torch.is_grad_enabled():
+                    leaf = cached.detach().requires_grad_(True)
+                    self.used.append((key, leaf))
+                    out = w.to(fresh.dtype) * fresh + (1 - w.to(fresh.dtype)) * leaf
+                    learnable = w.requires_grad
+                    self.pending.append((key, (self._step, column, float(w.detach()) if learnable else None,
+                                               (fresh - cached).detach().float(), written)))
                 else:
                     out = w.to(fresh.dtype) * fresh + (1 - w.to(fresh.dtype)) * cached
-                if cached is None or float(w.detach()) > self.tau:
+                if written:
                     self.cache[key] = out.detach()
                 return out
             return forward
@@ -207,7 +262,7 @@ class RouterTrainer:
         # whose blocks add into their residual stream in place)
         self.grad_context = grad_context or contextlib.nullcontext
         self.metadata = dict(metadata or {})
-        self.units = SoftUnits(family, problem.model, config.tau)
+        self.units = SoftUnits(family, problem.model, config.tau, config.max_reuse, config.refresh_credit)
         steps, width = problem.steps, self.units.units
         if steps < 2:
             raise ScheduleError("a router needs at least 2 steps (the first always computes)")
@@ -245,7 +300,9 @@ class RouterTrainer:
         meta = {**self.metadata, "beta": repr(self.config.beta), "lr": repr(self.config.lr),
                 "lambda_mode": self.config.lambda_mode, "lambda_period": str(self.config.lambda_period),
                 "iterations": str(self.state.iteration), "steps": str(self.problem.steps)}
-        return Router(logits, self.config.tau, meta)
+        if self.config.refresh_credit:
+            meta["refresh_credit"] = "on"
+        return Router(logits, self.config.tau, meta).limit_reuse(self.config.max_reuse)
 
     # ---- sampling with soft units (no gradients) ---------------------------------------------
     @torch.no_grad()
@@ -255,7 +312,7 @@ class RouterTrainer:
         x = problem.start(trajectory)
         units.clear()
         for k in range(problem.steps):
-            with units.weighted(step_weights[k]):
+            with units.weighted(step_weights[k], k):
                 out = problem.predict(x, k)
             x = problem.advance(x, out, k)
         units.clear()
@@ -314,12 +371,14 @@ class RouterTrainer:
                 teacher = problem.predict(x, k)
             r = self.weights()[k]
             with torch.enable_grad(), self.grad_context():
-                with units.weighted(r):
+                with units.weighted(r, k):
                     student = problem.predict(x, k)
                 distill = ((teacher.float() - student.float()) ** 2).mean()
                 loss = lambdas[k] * distill + cfg.beta * r.sum()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+            if cfg.refresh_credit:
+                units.give_refresh_credit(self.logits.grad, self.logits)
             self.logits.grad[0] = 0.0       # the first row is fixed at +5
             self.optimizer.step()
             with torch.no_grad():

@@ -156,3 +156,38 @@ def test_trainer_refuses_fp8_weights_with_a_reason_and_trains_bf16(pack):
     out = pack.nodes.router_node.HarmoniCaRouterTrainer.execute(model=_flux_in(torch.bfloat16, None),
                                                                 **_trainer_args("flux"))
     assert out.result[0].steps == 4 and "trained" in out.result[2]
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_trainer_node_options_refresh_credit_and_max_reuse(pack, monkeypatch, tmp_path, family):
+    from procache_comfyui.procache_core import router_training
+    from procache_comfyui.procache_core.router import Router
+    node = pack.nodes.router_node
+    monkeypatch.setattr(node, "router_dir", lambda: str(tmp_path))
+    mp = comfy_env.make_patcher(family)
+    # the credit reaches earlier steps' logits through the cache (random weights make it too small
+    # to move the logits visibly, so the gradient it adds is what is checked)
+    credit, added = router_training.SoftUnits.give_refresh_credit, []
+
+    def recorded(self, grad, logits):
+        before = grad.clone()
+        credit(self, grad, logits)
+        added.append(grad - before)
+    monkeypatch.setattr(router_training.SoftUnits, "give_refresh_credit", recorded)
+    args = _trainer_args(family, steps=5, iterations=15, beta=1.0, resume=False)
+    plain = Router.from_text(node.HarmoniCaRouterTrainer.execute(model=mp, **args).result[1])
+    assert not added
+    credited = Router.from_text(node.HarmoniCaRouterTrainer.execute(model=mp, **args, refresh_credit=True,
+                                                                    router=plain.to_text()).result[1])
+    assert credited.metadata["refresh_credit"] == "on" and "refresh_credit" not in plain.metadata
+    assert len(added) == 12                                 # every student step of 3 trajectories
+    # at step k the credit goes to steps 1..k-1 only
+    assert all(float(a[k:].abs().sum()) == 0 for k, a in zip([1, 2, 3, 4] * 3, added))
+    assert any(float(a[1:k].abs().sum()) > 0 for k, a in zip([1, 2, 3, 4] * 3, added))
+    args["learning_rate"] = 1.0
+    plain = Router.from_text(node.HarmoniCaRouterTrainer.execute(model=mp, **args).result[1])
+    limited = Router.from_text(node.HarmoniCaRouterTrainer.execute(model=mp, **args, max_reuse=1).result[1])
+    # beta 1: the plain router reuses runs of steps; the limited one never two in a row
+    mask = limited.mask()
+    assert plain.cache_usage_ratio() > limited.cache_usage_ratio() > 0
+    assert not (~mask[1:] & ~mask[:-1]).any() and limited.metadata["max_reuse"] == "1"

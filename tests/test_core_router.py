@@ -215,6 +215,85 @@ def test_sigma_problem_euler_matches_ddim_and_trains():
     assert router.steps == STEPS
 
 
+# ---- options beyond the method: reuse limit, refresh credit ----------------------------------------
+def _runs(column):
+    """Longest run of reused steps in a column of a mask."""
+    longest = run = 0
+    for compute in column:
+        run = 0 if compute else run + 1
+        longest = max(longest, run)
+    return longest
+
+
+def test_reuse_limit_makes_a_unit_compute_after_max_reuse_steps_in_a_row():
+    logits = torch.full((7, 2), -5.0)
+    logits[0] = 5.0
+    logits[2, 1] = 5.0                       # unit 1 computes at step 2 by itself: its count restarts
+    limited = Router(logits, tau=0.1).limit_reuse(2)
+    assert limited.mask()[:, 0].tolist() == [True, False, False, True, False, False, True]
+    assert limited.mask()[:, 1].tolist() == [True, False, True, False, False, True, False]
+    assert limited.metadata["max_reuse"] == "2" and (limited.logits[3, 0] == 5.0)
+    assert Router(logits, tau=0.1).limit_reuse(0).mask().equal(Router(logits, tau=0.1).mask())
+    with pytest.raises(ScheduleError):
+        TrainingConfig(max_reuse=-1)
+
+
+def test_training_with_a_reuse_limit_trains_and_returns_a_router_within_it():
+    free = _trainer(_model(), beta=1.0, lr=0.5, iterations=4 * STEPS).run()
+    limited = _trainer(_model(), beta=1.0, lr=0.5, iterations=4 * STEPS, max_reuse=2).run()
+    assert max(_runs(c) for c in free.mask().T.tolist()) > 2          # without the limit it reuses longer
+    assert max(_runs(c) for c in limited.mask().T.tolist()) <= 2
+    assert limited.cache_usage_ratio() < free.cache_usage_ratio()
+    assert limited.metadata["max_reuse"] == "2"
+
+
+def test_refresh_credit_is_the_gradient_of_a_later_loss_through_the_cache():
+    # tau tiny: every student step writes its blend, so the cache is the soft chain
+    # C_j = C_{j-1} + w_j (f_j - C_{j-1}) and the credit must equal its exact derivative
+    from procache_core.router_training import SoftUnits
+    model = _model()
+    family, _ = find_family(model)
+    units = SoftUnits(family, model, tau=1e-3, refresh_credit=True)
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(2, 1, 8, 8, generator=gen) for _ in range(4)]
+    y = torch.tensor([1, 2])
+    ts = [900, 700, 500, 300]
+
+    def run(logits, credit):
+        units.clear()
+        loss = None
+        for k, x in enumerate(xs):
+            t = torch.full((2,), ts[k], dtype=torch.long)
+            if k == 0:
+                with torch.no_grad(), units.weighted(torch.ones(units.units), 0):
+                    model(x, t, y)
+                continue
+            with torch.no_grad(), units.weighted(None):
+                teacher = model(x, t, y)
+            with torch.set_grad_enabled(credit), units.weighted(torch.sigmoid(logits[k]), k):
+                student = model(x, t, y)
+            loss = ((teacher - student) ** 2).mean()
+            if credit and k < len(xs) - 1:
+                units.give_refresh_credit(torch.zeros_like(logits), logits)     # records step k
+        return loss
+
+    logits = torch.randn(4, units.units, generator=gen).requires_grad_(True)
+    with units.attached():
+        loss = run(logits, credit=True)
+        loss.backward()
+        grad = logits.grad.clone()
+        units.give_refresh_credit(grad, logits)
+        numeric = torch.zeros_like(grad)
+        with torch.no_grad():
+            for j in range(1, 4):
+                for u in range(units.units):
+                    step = torch.zeros_like(logits)
+                    step[j, u] = 1e-2
+                    numeric[j, u] = (run(logits + step, False) - run(logits - step, False)) / 2e-2
+    assert float(numeric[1:3].abs().max()) > 0          # earlier steps do matter through the cache
+    assert torch.allclose(grad[1:], numeric[1:], rtol=2e-2, atol=2e-2 * float(numeric.abs().max()))
+
+
 # ---- files ----------------------------------------------------------------------------------------
 def test_safetensors_and_text_round_trips_are_exact(tmp_path):
     router = Router(torch.randn(5, 6) * 3, tau=0.15,
