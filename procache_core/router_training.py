@@ -162,7 +162,8 @@ class SoftUnits:
                 step, column, w, delta, written = entries[n]
                 if w is not None:
                     p = torch.sigmoid(logits[step, self.owner[column]].detach())
-                    grad[step, self.owner[column]] += carry * float((leaf.grad.float() * delta).sum()) * p * (1 - p)
+                    dot = float((leaf.grad.float() * delta.float()).sum())
+                    grad[step, self.owner[column]] += carry * dot * p * (1 - p)
                 if written:
                     carry *= 1.0 - (1.0 if w is None else w)
                 if carry < 1e-4:
@@ -194,7 +195,7 @@ class SoftUnits:
                     out = w.to(fresh.dtype) * fresh + (1 - w.to(fresh.dtype)) * leaf
                     learnable = w.requires_grad
                     self.pending.append((key, (self._step, column, float(w.detach()) if learnable else None,
-                                               (fresh - cached).detach().float(), written)))
+                                               (fresh - cached).detach(), written)))
                 else:
                     out = w.to(fresh.dtype) * fresh + (1 - w.to(fresh.dtype)) * cached
                 if written:
