@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -47,6 +48,27 @@ def train(model, steps, beta, args, lambda_mode="code", refresh_credit=False, lo
     return router, seconds
 
 
+def is_uniform(row) -> bool:
+    return row["method"].startswith(("FORA", "uniform reuse"))
+
+
+def is_fewer(row) -> bool:
+    return row["method"].startswith("fewer steps")
+
+
+def at_usage(rows, cur, kind) -> dict | None:
+    """PSNR and FD vs full of a baseline at cache usage `cur`: linear between the nearest rows of
+    that kind below and above it (None when no row lies on one side)."""
+    points = sorted((r["cur"], r) for r in rows if kind(r))
+    below = [p for p in points if p[0] <= cur]
+    above = [p for p in points if p[0] >= cur]
+    if not below or not above:
+        return None
+    (c0, r0), (c1, r1) = below[-1], above[0]
+    t = 0.0 if c1 == c0 else (cur - c0) / (c1 - c0)
+    return {key: r0[key] + t * (r1[key] - r0[key]) for key in ("psnr", "fd_vs_full")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -60,7 +82,7 @@ def main(argv=None):
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=4, help="noises per training trajectory (x2 for CFG)")
     parser.add_argument("--samples", type=int, default=300, help="held-out samples")
-    parser.add_argument("--credit-betas", default="5e-8,1e-7,2.5e-7",
+    parser.add_argument("--credit-betas", default="3e-8,5e-8,1e-7,2.5e-7",
                         help="the same for lambda_mode='paper' with refresh credit (an option beyond the paper)")
     parser.add_argument("--max-reuse", type=int, default=0, help="train every router with this reuse limit (0: none)")
     parser.add_argument("--quick", action="store_true")
@@ -92,26 +114,31 @@ def main(argv=None):
 
     fewer_done = set()
 
+    def bracket(cur):
+        """The step counts just above and below a cache usage (one, when it falls on a step)."""
+        exact = steps * (1 - cur)
+        return sorted({max(1, math.floor(exact)), max(1, math.ceil(exact))})
+
     def fewer(cur):
-        n = max(1, round(steps * (1 - cur)))
-        if n in fewer_done or n == steps:
-            return
-        fewer_done.add(n)
-        judge_row("fewer steps", f"DDIM {n}", sample(model, labels, n, CFG_SCALE, SEED), 1 - n / steps, steps / n)
+        for n in bracket(cur):
+            if n in fewer_done or n == steps:
+                continue
+            fewer_done.add(n)
+            judge_row("fewer steps", f"DDIM {n}", sample(model, labels, n, CFG_SCALE, SEED), 1 - n / steps, steps / n)
 
     spread_done = set()
 
     def spread(cur):
-        """Uniform reuse at the router's cache usage: the same number of full steps, evenly spaced
-        (FORA with a fractional interval), the first step full."""
-        n = max(1, round(steps * (1 - cur)))
-        if n in spread_done or n == steps or steps % n == 0:      # steps / n whole: a FORA row
-            return
-        spread_done.add(n)
-        full_at = {(j * steps) // n for j in range(n)}
-        schedule = Schedule(kinds=tuple(1 if k in full_at else 0 for k in range(steps)), name=f"evenly {n}")
-        images, speedup = scheduled(schedule)
-        judge_row(f"uniform reuse, {n} full steps", schedule.pattern, images, 1 - n / steps, speedup)
+        """Uniform reuse around the router's cache usage: as many full steps, evenly spaced (FORA
+        with a fractional interval), the first step full; the counts just above and below it."""
+        for n in bracket(cur):
+            if n in spread_done or n == steps or steps % n == 0:      # steps / n whole: a FORA row
+                continue
+            spread_done.add(n)
+            full_at = {(j * steps) // n for j in range(n)}
+            schedule = Schedule(kinds=tuple(1 if k in full_at else 0 for k in range(steps)), name=f"evenly {n}")
+            images, speedup = scheduled(schedule)
+            judge_row(f"uniform reuse, {n} full steps", schedule.pattern, images, 1 - n / steps, speedup)
 
     print(f"reference DiT, DDIM {steps}, cfg {CFG_SCALE}; held-out seed {SEED}, {args.samples} samples")
     judge_row("full compute", f"DDIM {steps}", full, 0.0, 1.0)
@@ -166,6 +193,17 @@ def main(argv=None):
     for r in sorted(rows, key=lambda r: (r["cur"], r["method"])):
         lines.append(f"| {r['method']} | {r['setting']} | {100 * r['cur']:.1f}% | {r['flops_speedup']:.2f}x | "
                      f"{r['fd']:.4f} | {r['fd_vs_full']:.4f} | {r['psnr']:.2f} | {r['accuracy']:.3f} |")
+    lines += ["", "Each router against uniform reuse (FORA and evenly spaced full steps) and fewer steps at its own "
+              "cache usage, read off the straight line between the two rows of each that bracket it:", "",
+              "| router | CUR | PSNR: router / uniform / fewer | FD vs full: router / uniform / fewer |",
+              "|---|---|---|---|"]
+    for r in rows:
+        if "heatmap" in r:
+            uniform_at, fewer_at = at_usage(rows, r["cur"], is_uniform), at_usage(rows, r["cur"], is_fewer)
+            cells = [" / ".join(f"{v:.{d}f}" if v is not None else "–" for v in
+                                (r[key], (uniform_at or {}).get(key), (fewer_at or {}).get(key)))
+                     for key, d in (("psnr", 2), ("fd_vs_full", 3))]
+            lines.append(f"| {r['method']}, {r['setting']} | {100 * r['cur']:.1f}% | {cells[0]} | {cells[1]} |")
     lines += ["", "Router masks ('#' computes, '.' reuses; per step: attention, MLP of blocks 0..7):", ""]
     for r in rows:
         if "heatmap" in r:
