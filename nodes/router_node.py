@@ -168,7 +168,8 @@ class HarmoniCaRouterTrainer(io.ComfyNode):
                                  tooltip="Off: the method as published. On: each step's compute is also credited "
                                          "with what its fresher cache saves at the steps that reuse it. On the "
                                          "reference DiT it gave routers that beat evenly spaced reuse at the same "
-                                         "cache usage; the published loss did not. Memory: one more cache-sized "
+                                         "cache usage (best with lambda_mode paper); the published loss did not. "
+                                         "Memory: one more cache-sized "
                                          "tensor per unit for each step it reuses in a row (max_reuse bounds it)."),
             ],
             outputs=[
