@@ -34,6 +34,8 @@ from typing import Callable, Hashable, Iterable, Sequence
 import torch
 
 from .schedule import StepKind
+from .safetensors_header import metadata as header_metadata
+from .safetensors_header import sorted_header
 
 FORMAT = "procache.eoc_prior"
 VERSION = 1
@@ -129,14 +131,14 @@ class Prior:
         counts = {_name("count", s, k, u): n for (s, k, u), n in self.counts.items()}
         header = {"format": FORMAT, "version": str(VERSION), "pooling": self.pooling,
                   "counts": json.dumps(counts), "metadata": json.dumps(self.metadata)}
-        return _sorted_header(save(tensors, metadata=header))
+        return sorted_header(save(tensors, metadata=header))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Prior":
         from safetensors.torch import load
         try:
             tensors = load(data)
-            header = _safetensors_header(data)
+            header = header_metadata(data)
         except Exception as e:      # noqa: BLE001  (safetensors raises several types)
             raise EOCError(f"not a readable safetensors prior: {e}") from None
         if header.get("format") != FORMAT:
@@ -199,24 +201,6 @@ def _parse(name: str) -> list:
     kind, stream, step, block, branch = parts[:5]
     out = [kind, int(stream), int(step), (int(block), branch)]
     return out + [int(parts[5])] if len(parts) == 6 else out
-
-
-def _sorted_header(data: bytes) -> bytes:
-    """The same safetensors bytes with the header's keys in sorted order. safetensors writes its
-    metadata from a hash map, so two saves of one prior could differ in key order; the prior's
-    text in a workflow should not change when nothing else did."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-    text = json.dumps(dict(sorted(header.items())), separators=(",", ":")).encode()
-    if len(text) > size:        # cannot happen for a reordering; keep the original bytes
-        return data
-    return data[:8] + text.ljust(size) + data[8 + size:]
-
-
-def _safetensors_header(data: bytes) -> dict:
-    size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + size]).get("__metadata__", {})
 
 
 class PriorRecorder:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import struct
 
 import torch
 
 from .families.base import FamilySpec
+from .safetensors_header import metadata as header_metadata
+from .safetensors_header import sorted_header
 from .schedule import Schedule, ScheduleError, StepKind
 
 FORMAT_NAME = "procache.router"
@@ -185,7 +186,7 @@ class Router:
 
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
-        return save({"logits": self.logits.contiguous()}, metadata=self._full_metadata())
+        return sorted_header(save({"logits": self.logits.contiguous()}, metadata=self._full_metadata()))
 
     def save(self, path: str) -> None:
         with open(path, "wb") as f:
@@ -198,8 +199,7 @@ class Router:
             raise ScheduleError(f"{where}: larger than {MAX_ROUTER_BYTES >> 20} MiB; not a router")
         try:
             tensors = load(data)
-            (header_len,) = struct.unpack("<Q", data[:8])
-            metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+            metadata = header_metadata(data)
         except Exception as e:      # safetensors raises its own error types
             raise ScheduleError(f"{where}: not a safetensors router ({e})") from None
         return cls._from_parts(tensors.get("logits"), metadata, where)

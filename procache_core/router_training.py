@@ -33,6 +33,8 @@ from torch import nn
 
 from .families.base import FamilySpec, resolve
 from .router import FIRST_STEP_LOGIT, LOGIT_BOUND, ReuseLimit, Router, tied_columns, unit_columns
+from .safetensors_header import metadata as header_metadata
+from .safetensors_header import sorted_header
 from .schedule import ScheduleError
 
 LAMBDA_MODES = ("code", "paper")
@@ -228,15 +230,14 @@ class TrainingState:
                 "counters": json.dumps({"adam_steps": self.adam_steps, "iteration": self.iteration,
                                         "trajectory": self.trajectory, "next_refresh": self.next_refresh,
                                         "losses": self.losses})}
-        return save({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}, metadata=meta)
+        return sorted_header(save({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
+                                  metadata=meta))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> tuple["TrainingState", dict]:
-        import struct
         from safetensors.torch import load
         tensors = load(data)
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        meta = dict(header_metadata(data))
         if meta.get("format") != STATE_FORMAT:
             raise ScheduleError("not a router training state")
         counters = json.loads(meta.pop("counters"))

@@ -295,6 +295,13 @@ def test_refresh_credit_is_the_gradient_of_a_later_loss_through_the_cache():
 
 
 # ---- files ----------------------------------------------------------------------------------------
+def test_router_files_do_not_depend_on_the_order_metadata_was_given_in():
+    logits = torch.randn(4, 6)
+    a = Router(logits, 0.1, {"model": "m", "beta": "1e-07", "steps": "4", "sampler": "euler"}).to_bytes()
+    b = Router(logits, 0.1, {"sampler": "euler", "steps": "4", "beta": "1e-07", "model": "m"}).to_bytes()
+    assert a == b and Router.from_bytes(a).metadata["beta"] == "1e-07"
+
+
 def test_safetensors_and_text_round_trips_are_exact(tmp_path):
     router = Router(torch.randn(5, 6) * 3, tau=0.15,
                     metadata={"model": "DiT", "sampler": "ddim", "steps": 5, "cfg": 1.5, "beta": 1e-4})
