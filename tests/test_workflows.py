@@ -289,7 +289,7 @@ def test_comfy_ui_workflow_is_valid(infos, path):
     doc = _load(path)
     assert ui_problems(doc, infos) == []
     types = [n["type"] for n in doc["nodes"]]
-    assert "ProCacheScheduleLoader" in types and "ProCacheApply" in types
+    assert {"ProCacheScheduleLoader", "ProCacheHarmoniCaRouterTrainer"} & set(types) and "ProCacheApply" in types
     assert any(t in FRONTEND_ONLY for t in types), "each workflow carries a note on its model files"
 
 
@@ -317,13 +317,17 @@ def test_comfy_schedule_text_reproduces_the_run(infos, path):
     prompt = _load(path)
     from procache_comfyui.nodes.schedule_loader import build_schedule
     loaders = [n for n in prompt.values() if n["class_type"] == "ProCacheScheduleLoader"]
-    assert loaders
+    trainers = [n["inputs"] for n in prompt.values() if n["class_type"] == "ProCacheHarmoniCaRouterTrainer"]
+    assert loaders or trainers
+    samplers = [n for n in prompt.values() if n["class_type"] in ("KSampler", "KSamplerAdvanced")]
     for loader in loaders:
         inputs = loader["inputs"]
         assert inputs["source"] == "typed pattern"
         schedule = build_schedule(**inputs)
-        samplers = [n for n in prompt.values() if n["class_type"] in ("KSampler", "KSamplerAdvanced")]
         assert {s["inputs"]["steps"] for s in samplers} == {schedule.steps} == {inputs["steps"]}
+    for trainer in trainers:        # a router is trained for the sampler it will run with
+        for key in ("steps", "cfg", "sampler_name", "scheduler"):
+            assert {s["inputs"][key] for s in samplers} == {trainer[key]}, key
 
 
 def test_comfy_checker_catches_broken_workflows(infos):
@@ -357,6 +361,7 @@ TINY_PX = {"pixart": (16, 640), "flux": (128, 128), "wan": (64, 64), "sd3": (128
 END_TO_END = {
     "procache_pixart_sigma_t2i": "pixart_sigma",
     "procache_pixart_sigma_eoc_t2i": "pixart_sigma",
+    "procache_pixart_sigma_router_t2i": "pixart_sigma",
     "procache_pixart_alpha_t2i": "pixart_alpha",
     "procache_flux_dev_t2i": "flux",
     "procache_flux_schnell_t2i": "flux",
@@ -488,6 +493,8 @@ def tiny_graph(prompt: dict, kind: str, cached: bool = True) -> dict:
                 inputs["length"] = 9
         elif t == "VAEDecode":
             prompt[node_id] = {"class_type": "ProCacheTestLatentSink", "inputs": {"samples": inputs["samples"]}}
+        elif t == "ProCacheHarmoniCaRouterTrainer":     # two trajectories; random weights need a strong beta
+            inputs.update(iterations=2 * inputs["steps"], beta=1.0, learning_rate=1.0, lambda_period=1000)
     if not cached:
         for node in prompt.values():
             for name, value in node["inputs"].items():
@@ -540,8 +547,8 @@ def test_comfy_workflow_runs_end_to_end_with_tiny_models(tiny_models, stem, monk
     kind = END_TO_END[stem]
     prompt = _load(os.path.join(ROOT, "workflows", "api", f"{stem}.json"))
     applies = [n for n in prompt.values() if n["class_type"] == "ProCacheApply"]
-    loader = next(n for n in prompt.values() if n["class_type"] == "ProCacheScheduleLoader")
-    schedule = build_schedule(**loader["inputs"])
+    loader = next((n for n in prompt.values() if n["class_type"] == "ProCacheScheduleLoader"), None)
+    schedule = build_schedule(**loader["inputs"]) if loader else None
 
     runs = []
     publish = LAST_RUNS.publish
@@ -559,6 +566,13 @@ def test_comfy_workflow_runs_end_to_end_with_tiny_models(tiny_models, stem, monk
         assert cached.shape == plain.shape
         assert not torch.equal(cached, plain), "the cached graph computed exactly what the plain one did"
     assert len(runs) == len(applies)            # one ProCache run per sampler (two for Wan 2.2's experts)
+    if schedule is None:                        # a router trained in the graph: its units ran
+        (run,) = runs
+        steps = next(n["inputs"]["steps"] for n in prompt.values() if n["class_type"] == "KSampler")
+        assert len(run["planned"]) == steps and run["counts"]["reuse"] > 0
+        assert run["schedule"] == "harmonica-router"
+        assert any(share is not None and 0 < share < 1 for share in run["compute_share"])     # steps with only some units computed
+        return
     apply = applies[0]["inputs"]
     expected = schedule.windowed(apply["start_percent"], apply["end_percent"], apply["force_last_full"]).pattern
     planned = "".join(run["planned"] for run in runs)

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from procache_core import Schedule, parse_pattern, uniform  # noqa: E402
 
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
+EXAMPLE_ROUTER = "router_bench_T20_paper_credit_beta5e-08.safetensors"     # drawn on the router template's card
 HF = "https://huggingface.co"
 
 
@@ -95,22 +96,18 @@ def video_tail(g: Graph, latent_link, vae_link, x: int, y: int, fps: int, prefix
 
 
 # ---- the workflows --------------------------------------------------------------------------------
-def pixart_sigma(with_eoc: bool = False) -> Graph:
-    g = Graph("PixArt-Σ text to image with ProCache" + (" and EOC" if with_eoc else ""))
-    g.note("**PixArt-Σ XL 1024 + ProCache** (branch-level caching: self-attention, cross-attention, MLP)\n\n"
-           "- `models/diffusion_models/PixArt-Sigma-XL-2-1024-MS.pth` — the transformer from "
-           f"[PixArt-alpha/PixArt-Sigma]({HF}/PixArt-alpha/PixArt-Sigma) (the `.pth` file, or a `.safetensors` "
-           "conversion of it)\n"
-           f"- `models/text_encoders/t5xxl_fp16.safetensors` — T5-XXL ([comfyanonymous/flux_text_encoders]"
-           f"({HF}/comfyanonymous/flux_text_encoders)), loaded with type `pixart`\n"
-           "- `models/vae/sdxl_vae.safetensors` — PixArt-Σ uses the SDXL VAE "
-           f"([stabilityai/sdxl-vae]({HF}/stabilityai/sdxl-vae))\n\n"
-           "Schedule: the paper's PixArt-α pattern (20 steps, 7 full, 2.9x fewer block evaluations). "
-           "Keep KSampler steps and the loader's `steps` equal." + (
-               "\n\n**EOC**: the extractor samples this graph at full compute on 4 other seeds (4 extra runs, "
-               "once: its result is kept in the workflow) and the correction adds the prior's change to each "
-               "reused branch output. Keep its sampler, scheduler, steps and cfg equal to the KSampler's."
-               if with_eoc else ""), (-480, 0), size=(420, 420) if with_eoc else (420, 330))
+PIXART_SIGMA_FILES = (
+    "- `models/diffusion_models/PixArt-Sigma-XL-2-1024-MS.pth` — the transformer from "
+    f"[PixArt-alpha/PixArt-Sigma]({HF}/PixArt-alpha/PixArt-Sigma) (the `.pth` file, or a `.safetensors` "
+    "conversion of it)\n"
+    f"- `models/text_encoders/t5xxl_fp16.safetensors` — T5-XXL ([comfyanonymous/flux_text_encoders]"
+    f"({HF}/comfyanonymous/flux_text_encoders)), loaded with type `pixart`\n"
+    "- `models/vae/sdxl_vae.safetensors` — PixArt-Σ uses the SDXL VAE "
+    f"([stabilityai/sdxl-vae]({HF}/stabilityai/sdxl-vae))")
+
+
+def pixart_sigma_inputs(g: Graph):
+    """PixArt-Σ's loaders, prompts and latent: (unet, vae, positive, negative, latent) node ids."""
     unet = g.add("UNETLoader", (0, 0), size=(320, 82), unet_name="PixArt-Sigma-XL-2-1024-MS.pth", weight_dtype="default",
                  models=[model_file("PixArt-Sigma-XL-2-1024-MS.pth", "diffusion_models")])
     clip = g.add("CLIPLoader", (0, 130), size=(320, 106), clip_name="t5xxl_fp16.safetensors", type="pixart", device="default",
@@ -123,6 +120,20 @@ def pixart_sigma(with_eoc: bool = False) -> Graph:
     neg = g.add("CLIPTextEncode", (0, 600), size=(400, 120), title="Negative prompt", clip=out(clip),
                 text="blurry, low quality, watermark")
     latent = g.add("EmptyLatentImage", (0, 760), width=1024, height=1024, batch_size=1)
+    return unet, vae, pos, neg, latent
+
+
+def pixart_sigma(with_eoc: bool = False) -> Graph:
+    g = Graph("PixArt-Σ text to image with ProCache" + (" and EOC" if with_eoc else ""))
+    g.note("**PixArt-Σ XL 1024 + ProCache** (branch-level caching: self-attention, cross-attention, MLP)\n\n"
+           + PIXART_SIGMA_FILES + "\n\n"
+           "Schedule: the paper's PixArt-α pattern (20 steps, 7 full, 2.9x fewer block evaluations). "
+           "Keep KSampler steps and the loader's `steps` equal." + (
+               "\n\n**EOC**: the extractor samples this graph at full compute on 4 other seeds (4 extra runs, "
+               "once: its result is kept in the workflow) and the correction adds the prior's change to each "
+               "reused branch output. Keep its sampler, scheduler, steps and cfg equal to the KSampler's."
+               if with_eoc else ""), (-480, 0), size=(420, 420) if with_eoc else (420, 330))
+    unet, vae, pos, neg, latent = pixart_sigma_inputs(g)
     steps, cfg, sampler_name, scheduler = 20, 4.5, "dpmpp_2m", "sgm_uniform"
 
     def eoc(loader):
@@ -139,6 +150,31 @@ def pixart_sigma(with_eoc: bool = False) -> Graph:
                     latent_image=out(latent), seed=42, control_after_generate="fixed", steps=steps, cfg=cfg,
                     sampler_name=sampler_name, scheduler=scheduler, denoise=1.0)
     image_tail(g, out(sampler), out(vae), 1520, 0, "procache/pixart_sigma" + ("_eoc" if with_eoc else ""))
+    return g
+
+
+def pixart_sigma_router() -> Graph:
+    g = Graph("PixArt-Σ text to image with a HarmoniCa router")
+    g.note("**PixArt-Σ XL 1024 + a HarmoniCa router** (which attention and MLP units compute at each step, "
+           "learned on this model, prompt and sampler)\n\n" + PIXART_SIGMA_FILES + "\n\n"
+           "**The first run trains the router** (2000 iterations, about three model calls each, no images), then "
+           "the router text is kept in the trainer's `router` widget and later runs use it at once. Keep the "
+           "trainer's sampler, scheduler, steps and cfg equal to the KSampler's. `beta` is the speed knob: "
+           "raise it to reuse more units. `refresh_credit` is on (see docs/harmonica.md).",
+           (-480, 0), size=(420, 460))
+    unet, vae, pos, neg, latent = pixart_sigma_inputs(g)
+    steps, cfg, sampler_name, scheduler = 20, 4.5, "dpmpp_2m", "sgm_uniform"
+    router = g.add("ProCacheHarmoniCaRouterTrainer", (460, 200), size=(360, 620), model=out(unet), positive=out(pos),
+                   negative=out(neg), latent_image=out(latent), seed=1000, sampler_name=sampler_name,
+                   scheduler=scheduler, steps=steps, cfg=cfg, iterations=2000, beta=7e-8, learning_rate=0.1,
+                   tau=0.1, lambda_period=300, lambda_mode="paper", resume=True, save_name="", router="",
+                   max_reuse=0, refresh_credit=True)
+    apply = g.add("ProCacheApply", (850, 0), size=(300, 230), model=out(unet), schedule=out(router),
+                  start_percent=0.0, end_percent=1.0, force_last_full=False, cache_on_cpu=False)
+    sampler = g.add("KSampler", (1160, 0), size=(320, 262), model=out(apply), positive=out(pos), negative=out(neg),
+                    latent_image=out(latent), seed=42, control_after_generate="fixed", steps=steps, cfg=cfg,
+                    sampler_name=sampler_name, scheduler=scheduler, denoise=1.0)
+    image_tail(g, out(sampler), out(vae), 1520, 0, "procache/pixart_sigma_router")
     return g
 
 
@@ -369,6 +405,7 @@ def qwen_image() -> Graph:
 WORKFLOWS = {
     "procache_pixart_sigma_t2i": pixart_sigma,
     "procache_pixart_sigma_eoc_t2i": lambda: pixart_sigma(with_eoc=True),
+    "procache_pixart_sigma_router_t2i": pixart_sigma_router,
     "procache_pixart_alpha_t2i": pixart_alpha,
     "procache_flux_dev_t2i": lambda: flux("dev"),
     "procache_flux_schnell_t2i": lambda: flux("schnell"),
@@ -497,10 +534,7 @@ def main() -> None:
 def write_thumbnail(path: str, g: Graph) -> None:
     """The template browser's card: the workflow's title and its schedule as a strip of steps."""
     from PIL import Image, ImageDraw, ImageFont
-    loader = next(n for n in g.nodes if n["type"] == "ProCacheScheduleLoader")
-    schedule = parse_pattern(loader["inputs"]["pattern"])
-    apply = next(n for n in g.nodes if n["type"] == "ProCacheApply")["inputs"]
-    schedule = schedule.windowed(apply["start_percent"], apply["end_percent"], apply["force_last_full"])
+    loader = next((n for n in g.nodes if n["type"] == "ProCacheScheduleLoader"), None)
     size, colors = 512, {1: (86, 180, 233), 2: (230, 159, 0), 0: (70, 76, 92)}
     img = Image.new("RGB", (size, size), (24, 26, 33))
     draw = ImageDraw.Draw(img)
@@ -520,12 +554,27 @@ def write_thumbnail(path: str, g: Graph) -> None:
             lines[-1] = f"{lines[-1]} {word}".strip()
     for i, line in enumerate(lines):
         draw.text((30, 40 + 44 * i), line, font=font(34, True), fill=(230, 230, 235))
-    cell = (size - 60) / schedule.steps
-    for i, kind in enumerate(schedule.kinds):
-        draw.rounded_rectangle([30 + i * cell + 1, 300, 30 + (i + 1) * cell - 1, 400], radius=3, fill=colors[int(kind)])
-    counts = (schedule.count(1), schedule.count(2), schedule.count(0))
-    draw.text((30, 420), f"{schedule.steps} steps: {counts[0]} full, {counts[1]} selective, {counts[2]} reuse",
-              font=font(20), fill=(150, 155, 170))
+    if loader is None:      # a router trained on the user's model: draw one trained on the reference DiT
+        from procache_core.router import Router
+        mask = Router.load(os.path.join(ROOT, "benchmarks", "results", EXAMPLE_ROUTER)).mask()
+        steps, units = mask.shape
+        cell, row = (size - 60) / steps, 100 / units
+        for i in range(steps):
+            for u in range(units):
+                draw.rectangle([30 + i * cell + 1, 300 + u * row, 30 + (i + 1) * cell - 1, 300 + (u + 1) * row - 1],
+                               fill=colors[1] if mask[i, u] else colors[0])
+        draw.text((30, 420), f"{steps} steps x {units} units, learned per model", font=font(20), fill=(150, 155, 170))
+    else:
+        schedule = parse_pattern(loader["inputs"]["pattern"])
+        apply = next(n for n in g.nodes if n["type"] == "ProCacheApply")["inputs"]
+        schedule = schedule.windowed(apply["start_percent"], apply["end_percent"], apply["force_last_full"])
+        cell = (size - 60) / schedule.steps
+        for i, kind in enumerate(schedule.kinds):
+            draw.rounded_rectangle([30 + i * cell + 1, 300, 30 + (i + 1) * cell - 1, 400], radius=3,
+                                   fill=colors[int(kind)])
+        counts = (schedule.count(1), schedule.count(2), schedule.count(0))
+        draw.text((30, 420), f"{schedule.steps} steps: {counts[0]} full, {counts[1]} selective, {counts[2]} reuse",
+                  font=font(20), fill=(150, 155, 170))
     draw.text((30, 455), "ProCache", font=font(22, True), fill=(86, 180, 233))
     img.save(path, quality=90)
 
