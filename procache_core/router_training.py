@@ -111,6 +111,7 @@ class SoftUnits:
         self.history: dict = {}     # cache key -> [(step, column, w, delta, written)], oldest first
         self.used: list = []        # (cache key, the cached tensor as a leaf) read by this step's student
         self.pending: list = []     # this step's history entries, added after its credit is given
+        self.forced: torch.Tensor | None = None    # [units] bool: made to compute by the limit this pass
         self._call = -1
         self._step = 0
 
@@ -140,9 +141,10 @@ class SoftUnits:
     def weighted(self, weights: torch.Tensor | None, step: int = 0):
         """One pass with these [units] weights (None: teacher), once per sampler step and in order
         for the reuse limit; units it makes compute get weight 1 (and no gradient)."""
-        if weights is not None:
-            forced = self.limit.forced(weights.detach() > self.tau).to(weights.device)
-            weights = torch.where(forced, torch.ones_like(weights), weights)
+        self.forced = None
+        if weights is not None and self.limit.max_reuse:     # no limit: no host sync per pass
+            self.forced = self.limit.forced(weights.detach() > self.tau)
+            weights = torch.where(self.forced.to(weights.device), torch.ones_like(weights), weights)
         self.weights, self._call, self._step = weights, -1, step
         try:
             yield
@@ -195,7 +197,8 @@ class SoftUnits:
                     leaf = cached.detach().requires_grad_(True)
                     self.used.append((key, leaf))
                     out = w.to(fresh.dtype) * fresh + (1 - w.to(fresh.dtype)) * leaf
-                    learnable = w.requires_grad
+                    # a unit the reuse limit made compute has weight 1 and no logit to credit
+                    learnable = w.requires_grad and not (self.forced is not None and bool(self.forced[column]))
                     self.pending.append((key, (self._step, column, float(w.detach()) if learnable else None,
                                                (fresh - cached).detach(), written)))
                 else:

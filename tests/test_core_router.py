@@ -294,6 +294,37 @@ def test_refresh_credit_is_the_gradient_of_a_later_loss_through_the_cache():
     assert torch.allclose(grad[1:], numeric[1:], rtol=2e-2, atol=2e-2 * float(numeric.abs().max()))
 
 
+def test_refresh_credit_gives_nothing_to_a_unit_the_reuse_limit_made_compute():
+    from procache_core.router_training import SoftUnits
+    model = _model()
+    family, _ = find_family(model)
+    units = SoftUnits(family, model, tau=0.1, max_reuse=1, refresh_credit=True)
+    logits = torch.full((4, units.units), -3.0, requires_grad=True)     # w = 0.047: every unit reuses
+    x, y = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 2])
+    added = []
+    with units.attached():
+        units.clear()
+        for k in range(4):
+            t = torch.full((2,), 900 - 200 * k, dtype=torch.long)
+            if k == 0:
+                with torch.no_grad(), units.weighted(torch.ones(units.units), 0):
+                    model(x, t, y)
+                continue
+            with torch.no_grad(), units.weighted(None):
+                teacher = model(x, t, y)
+            with units.weighted(torch.sigmoid(logits[k]), k):
+                student = model(x, t, y)
+                forced = units.forced.clone()
+            ((teacher - student) ** 2).mean().backward()
+            grad = torch.zeros_like(logits)
+            units.give_refresh_credit(grad, logits)
+            added.append((forced, grad))
+    # max_reuse 1: step 1 reuses, step 2 is made to compute, step 3 reuses its fresh cache
+    assert [bool(f.all()) for f, _ in added] == [False, True, False]
+    assert float(added[2][1].abs().sum()) == 0      # step 2 was forced: no credit to it, nor past it
+    assert float(added[1][1].abs().sum()) == 0      # step 2 read no cache (weight 1)
+
+
 # ---- files ----------------------------------------------------------------------------------------
 def test_router_files_do_not_depend_on_the_order_metadata_was_given_in():
     logits = torch.randn(4, 6)
