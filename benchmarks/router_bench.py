@@ -149,25 +149,22 @@ def main(argv=None):
         fewer(cur)
 
     routers, trained = [], []
-    for beta in [float(b) for b in args.betas.split(",") if b.strip()]:
-        trained.append(("code", beta) + train(model, steps, beta, args))
-    for beta in [float(b) for b in args.paper_betas.split(",") if b.strip()]:
-        trained.append(("paper", beta) + train(model, steps, beta, args, lambda_mode="paper"))
-    for beta in [float(b) for b in args.credit_betas.split(",") if b.strip()]:
-        trained.append(("paper+credit", beta) + train(model, steps, beta, args, "paper", refresh_credit=True))
+    for mode, credit, betas in (("code", False, args.betas), ("paper", False, args.paper_betas),
+                                ("paper", True, args.credit_betas)):
+        for beta in [float(b) for b in betas.split(",") if b.strip()]:
+            trained.append((mode, credit, beta) + train(model, steps, beta, args, mode, refresh_credit=credit))
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    for mode, beta, router, seconds in trained:
+    for mode, credit, beta, router, seconds in trained:
         images, speedup = scheduled(router.to_schedule())
         cur = router.cache_usage_ratio()
-        method = ("HarmoniCa router (paper lambda, refresh credit)" if mode == "paper+credit"
-                  else f"HarmoniCa router ({mode} lambda)")
+        method = f"HarmoniCa router ({mode} lambda{', refresh credit' if credit else ''})"
         if args.max_reuse:
             method += f", max reuse {args.max_reuse}"
         row = judge_row(method, f"beta {beta:g}", images, cur, speedup)
         row["train_seconds"] = round(seconds, 1)
         row["heatmap"] = router.heatmap()
-        name = f"router_bench_T{steps}_{mode.replace('+', '_')}_beta{beta:g}{suffix}.safetensors"
+        name = f"router_bench_T{steps}_{mode}{'_credit' if credit else ''}_beta{beta:g}{suffix}.safetensors"
         router.save(os.path.join(args.out, name))
         routers.append(name)
         fewer(cur)
