@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..procache_core import Schedule, ScheduleError, TokenSelector
+from ..procache_core.memory import AUTO_SHARE, Budget, BudgetError
 from .eoc_node import EOC
 from .forecaster_node import FORECASTER
 from .runtime import ApplyConfig, attach, describe_model, double_caching_warning
@@ -36,6 +37,14 @@ class ProCacheApply(io.ComfyNode):
                 io.Boolean.Input("cache_on_cpu", default=False,
                                  tooltip="Keep cached tensors in system RAM instead of VRAM: saves VRAM on big "
                                          "video models, costs a copy on every cached step."),
+                io.String.Input("memory_budget", default="auto",
+                                tooltip="How much memory the cache may hold. auto: 15% of the cache device's free "
+                                        "memory at the start of each run. A size (4 GiB, 512 MiB), a count of "
+                                        "residuals (8 residuals: one image-token x hidden tensor per CFG pass, "
+                                        "the same at every resolution), minimal (one model-level residual, "
+                                        "as the step-skipping caches keep) or unlimited. Where caching every "
+                                        "branch does not fit, the deepest blocks keep their branches and the "
+                                        "others share residuals over spans of blocks; the report says which."),
                 SELECTOR.Input("selector", optional=True,
                                tooltip="From Token Importance Selector: which tokens selective steps recompute. "
                                        "Without it, selective steps refresh 10% of the tokens of the deepest 25% of blocks, by output norm."),
@@ -54,23 +63,36 @@ class ProCacheApply(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, memory_budget: str = "auto", **_) -> bool | str:
+        try:
+            Budget.parse(memory_budget)
+        except BudgetError as e:
+            return f"memory_budget: {e}"
+        return True
+
+    @classmethod
     def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
-                selector: SelectorConfig | None = None, forecaster=None, eoc=None) -> io.NodeOutput:
+                memory_budget: str = "auto", selector: SelectorConfig | None = None, forecaster=None,
+                eoc=None) -> io.NodeOutput:
         if not isinstance(schedule, Schedule):     # a node of another pack on a loosely typed link
             raise ScheduleError(f"the schedule input got {type(schedule).__name__}: connect ProCache Schedule Loader")
         if start_percent > end_percent:
             raise ScheduleError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
+        try:
+            budget = Budget.parse(memory_budget)
+        except BudgetError as e:
+            raise BudgetError(f"ProCache Apply, memory_budget: {e}") from None
         selector = selector or SelectorConfig(TokenSelector(), 0.25)
         config = ApplyConfig(schedule=schedule, start_percent=start_percent, end_percent=end_percent,
                              force_last_full=force_last_full, selector=selector.tokens,
                              deep_fraction=selector.deep_fraction, cache_on_cpu=cache_on_cpu,
-                             forecaster=forecaster, eoc=eoc)
+                             forecaster=forecaster, eoc=eoc, budget=budget)
         mode, sentence = describe_model(model)
         if mode == "none":
             log.warning("ProCache: %s", sentence)
             return io.NodeOutput(model, sentence, ui={"text": [sentence], "mode": [mode]})
         patched = attach(model, config)
-        report = f"{sentence}\n{describe(schedule)}"
+        report = f"{sentence}\n{describe(schedule)}\nmemory budget: {describe_budget(budget, cache_on_cpu)}"
         warning = double_caching_warning(model)
         if warning:
             log.warning("ProCache: %s", warning)
@@ -86,3 +108,11 @@ class ProCacheApply(io.ComfyNode):
             log.warning("ProCache: %s", both)
             report = f"WARNING: {both}\n{report}"
         return io.NodeOutput(patched, report, ui={"text": [report], "mode": [mode]})
+
+
+def describe_budget(budget: Budget, cache_on_cpu: bool) -> str:
+    where = "system RAM" if cache_on_cpu else "the model's device"
+    if budget.kind == "auto":
+        return (f"auto, {round(AUTO_SHARE * 100)}% of the free memory of {where} at each run's start; the run's "
+                "cache plan is in the console and the panel")
+    return f"{budget.describe()} in {where}; the run's cache plan is in the console and the panel"

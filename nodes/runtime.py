@@ -26,6 +26,7 @@ from comfy_api.latest import io
 from . import events
 from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
 from ..procache_core.families import is_unet
+from ..procache_core.memory import Budget, format_bytes
 
 log = logging.getLogger("procache")
 
@@ -49,6 +50,7 @@ class ApplyConfig:
     forecaster: object = None      # procache_core.forecast.Forecaster; None: reuse copies
     recorder: object = None        # a ForecastFitter during calibration runs (shared, not copied)
     eoc: object = None             # procache_core.eoc.Correction; None: reused values are not corrected
+    budget: Budget | None = None    # the cache's memory budget (memory.py; None: no plan); Apply's default is auto
 
 
 class LastRuns:
@@ -191,6 +193,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     sigmas = args[_SIGMAS] if len(args) > _SIGMAS else kwargs["sigmas"]
     user_callback = args[_CALLBACK] if len(args) > _CALLBACK else kwargs.get("callback")
     run = start_run(config, guider.model_patcher, sigmas)
+    run.expected_streams = cfg_streams(guider)
     sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
     run.clock.corrector_at_next_sigma = getattr(getattr(sampler, "sampler_function", None), "__name__", "") in CORRECTOR_AT_NEXT_SIGMA
     warning = double_caching_warning(guider.model_patcher)     # also catches a cache added after Apply
@@ -215,6 +218,19 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         log.info(stats.line())
 
 
+def cfg_streams(guider) -> int | None:
+    """How many conditionings each step evaluates: the positive ones, and the negative ones unless
+    cfg is 1 (ComfyUI then skips them). None when the guider does not say."""
+    conds = getattr(guider, "conds", None)
+    if not isinstance(conds, dict):
+        return None
+    cfg = getattr(guider, "cfg", None)
+    count = len(conds.get("positive") or [])
+    if cfg is None or abs(float(cfg) - 1.0) > 1e-9:
+        count += len(conds.get("negative") or [])
+    return count or None
+
+
 def step_event(run: Run, step: int) -> dict:
     summary = run.stats.summary()
     return {"step": step, "steps": summary["steps"], "planned": summary["planned"], "actual": summary["actual"],
@@ -233,7 +249,45 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
     run.stats.notes.extend(notes + [sentence])
     for note in notes:
         log.info("ProCache: %s", note)
+    run.budget = config.budget
+    run.planning = config.budget is not None and config.recorder is None
     return run
+
+
+def plan_cache(run: Run, diffusion_model, sigma: float, streams, call_model) -> None:
+    """Before the first block computes: take the census of this run's first model call (on fake
+    tensors), then pick the finest granularity that fits the budget."""
+    run.planning = False
+    device = run.cache.device or _parameter_device(diffusion_model)
+    try:
+        census = run.take_census(diffusion_model, sigma, streams, call_model)
+    except Exception as e:      # noqa: BLE001  (a model the census cannot trace keeps branch level)
+        note = (f"no cache plan: this model could not be traced on fake tensors ({type(e).__name__}: "
+                f"{str(e)[:200]}); the cache stays at branch level and its peak is measured")
+        run.stats.notes.append(note)
+        log.warning("ProCache: %s", note)
+        return
+    free = None
+    if run.budget.kind == "auto":
+        free = comfy.model_management.get_free_memory(device)
+    expected = max(getattr(run, "expected_streams", None) or 0, len(streams))
+    plan = run.make_plan(census, run.budget, free, str(device), streams=expected)
+    message = f"cache plan: {plan.text()}"
+    if run.budget.kind == "auto" and free is not None:
+        message += f" [auto: {round(memory_share() * 100)}% of {format_bytes(free)} free]"
+    run.stats.notes.append(message)
+    log.info("ProCache: %s", message)
+
+
+def memory_share() -> float:
+    from ..procache_core import memory
+    return memory.AUTO_SHARE
+
+
+def _parameter_device(module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def schedule_for_run(schedule: Schedule, sigmas: list[float], model_sampling) -> tuple[Schedule, list[str]]:
@@ -297,13 +351,39 @@ def apply_model_wrapper(executor, *args, **kwargs):
     if sigma is None:
         sigma = args[1]
     batch = args[0].shape[0]
-    try:
-        with run.model_call(base_model.diffusion_model, float(sigma.flatten()[0]), stream_ids(transformer_options, batch)):
-            return executor(*args, **kwargs)
-    except OUT_OF_MEMORY:
-        pass        # recover outside the except block: its traceback still holds the failed call's tensors
-    stop_caching_out_of_memory(run, run.clock.step_for(float(sigma.flatten()[0])))
+    streams = stream_ids(transformer_options, batch)
+    if getattr(run, "planning", False):
+        plan_cache(run, base_model.diffusion_model, float(sigma.flatten()[0]), streams,
+                   lambda: executor(*args, **kwargs))
+    while True:
+        try:
+            with run.model_call(base_model.diffusion_model, float(sigma.flatten()[0]), streams):
+                return executor(*args, **kwargs)
+        except OUT_OF_MEMORY:
+            pass    # recover outside the except block: its traceback still holds the failed call's tensors
+        step = run.clock.step_for(float(sigma.flatten()[0]))
+        if not coarsen_out_of_memory(run, step):
+            break
+    stop_caching_out_of_memory(run, step)
     return executor(*args, **kwargs)
+
+
+def coarsen_out_of_memory(run: Run, step: int) -> bool:
+    """After an allocation failure: free the cache and go on at the next coarser granularity
+    (this call and the next ones compute until the new cache is filled). False when there is
+    nothing coarser left."""
+    previous = run.rung
+    plan = run.coarsen(f"out of memory at step {step}")
+    comfy.model_management.soft_empty_cache()
+    if run.rung == previous:
+        return False
+    what = plan.text() if plan is not None else "one model-level residual"
+    message = (f"out of memory while caching at step {step}: ProCache freed its cache and goes on with a smaller "
+               f"one ({what}); the image still comes out. A lower memory budget in ProCache Apply plans this "
+               "from the start.")
+    run.stats.notes.append(message)
+    log.warning("ProCache: %s", message)
+    return True
 
 
 def stop_caching_out_of_memory(run: Run, step: int) -> None:
@@ -314,7 +394,6 @@ def stop_caching_out_of_memory(run: Run, step: int) -> None:
     run.stats.notes.append(message)
     run.close()
     log.warning("ProCache: %s", message)
-    import comfy.model_management
     comfy.model_management.soft_empty_cache()
 
 

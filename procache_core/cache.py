@@ -59,6 +59,10 @@ class CacheStore:
         if whole is not None and any(s in whole[0] for s in streams):
             del self._whole[key]
 
+    def items(self):
+        """(key, tensor) of every entry as last stored, all its streams together."""
+        return [(key, whole[1]) for key, whole in self._whole.items()]
+
     def __len__(self) -> int:
         return len(self._parts)
 

@@ -21,6 +21,8 @@ from .clock import StepClock
 from .families.base import Branch, BlockStack, FamilySpec, ProbeContext, forward_hooks, linear_params, resolve
 from .eoc import Correction, CorrectionState
 from .forecast import Forecaster, ForecastFitter, ForecastState, group_name
+from .memory import (BRANCH_LEVEL, MODEL_LEVEL, Budget, CachePlan, Census, Rung, choose, fake_tensors, ladder,
+                     planned_bytes, tensor_bytes)
 from .policy import Policy
 from .schedule import StepKind
 from .stats import RunStats
@@ -48,7 +50,7 @@ class Run:
     def __init__(self, policy: Policy, clock: StepClock, family: FamilySpec | None,
                  selector: TokenSelector | None = None, cache_device=None, model_name: str = "",
                  forecaster: Forecaster | None = None, recorder: ForecastFitter | None = None,
-                 eoc: Correction | None = None):
+                 eoc: Correction | None = None, rung: Rung | None = None):
         self.policy = policy
         self.clock = clock
         self.family = family
@@ -72,6 +74,15 @@ class Run:
         self._cost_cache: dict[int, int] = {}
         self._started = time.perf_counter()
         self.closed = False
+        # Granularity (memory.py): which blocks keep branches, which form residual spans, or the
+        # model-level residual. None: branch level everywhere (model level without a family).
+        self.rung = rung if rung is not None else (BRANCH_LEVEL if family is not None else MODEL_LEVEL)
+        self.plan: CachePlan | None = None
+        self.block_flops: dict[int, float] = {}     # full-step branch FLOPs per block (spans count them)
+        self.carry_maps: dict[int, tuple] = {}      # block -> which input each output continues
+        self.span_clones: dict[tuple[int, int], bool] = {}   # span -> its first block changes inputs in place
+        self.census: Census | None = None           # what a full step stores (make_plan)
+        self.recording: Census | None = None        # set on the scout run that takes a census
 
     # ---- the sampler's side ------------------------------------------------------------------
     def sampler_callback(self, user_callback: Callable | None,
@@ -99,7 +110,8 @@ class Run:
             self.stats.record_call(step, call.streams, call.step_kind, time.perf_counter() - started,
                                    w.flops_done, w.flops_full, w.misses)
             self.branch_calls[step] += w.computed
-            self.stats.cache_bytes_peak = max(self.stats.cache_bytes_peak, self.cache.nbytes)
+            if self.recording is None:      # a census stores fake tensors: nothing to measure
+                self.stats.cache_bytes_peak = max(self.stats.cache_bytes_peak, self.cache.nbytes)
 
     def close(self) -> RunStats:
         """Free every cached tensor; safe to call twice (error paths)."""
@@ -107,7 +119,108 @@ class Run:
             self.closed = True
             self.cache.clear()
             self.stats.wall_seconds = time.perf_counter() - self._started
+            if self.plan is not None:
+                self.stats.plan = self.plan.to_dict(self.stats.cache_bytes_peak)
         return self.stats
+
+    # ---- memory plan ---------------------------------------------------------------------------
+    @property
+    def history(self) -> int:
+        """Values kept per cached entry: the forecaster's history, capped by the full steps there are."""
+        if self.forecast is None:
+            return 1
+        planned = [self.policy.step_kind(self.clock.offset + k) for k in range(self.clock.steps)]
+        computing = self.clock.steps if getattr(getattr(self.policy, "schedule", None), "units", None) is not None \
+            else sum(1 for kind in planned if kind == StepKind.FULL)
+        return max(1, min(self.forecast.forecaster.history, computing))
+
+    @property
+    def keeps_corrections(self) -> bool:
+        """Selective steps keep their offsets from the forecast (forecasting runs only)."""
+        return self.forecast is not None and StepKind.SELECTIVE in self.stats_planned
+
+    @property
+    def stats_planned(self) -> list[StepKind]:
+        return [StepKind(r.planned) for r in self.stats.steps]
+
+    def stores_at(self, step: int) -> bool:
+        """Whether a full step's values are kept: some later step reads them (or a forecast's history)."""
+        return step <= self.last_cached_step or self.forecast is not None
+
+    def keeps_branches(self, index: int) -> bool:
+        return not self.rung.model_level and (not self.rung.spans or index in self.rung.branch_blocks)
+
+    def take_census(self, model: nn.Module, sigma: float, streams: Sequence[str], call_model: Callable) -> Census:
+        """What a full step of this run stores, block by block: `call_model()` (one model call, as
+        the sampler makes it) runs on fake tensors through a scout copy of this run that stores
+        everything at branch level, so nothing is computed or allocated."""
+        scout = Run(self.policy, StepClock(self.clock.sigmas, offset=self.clock.offset), self.family,
+                    selector=self.selector, forecaster=self.forecast.forecaster if self.forecast else None)
+        scout.last_cached_step = 1 << 30        # store as if a later step read everything
+        census = Census(streams=len(streams))
+        scout.recording = census
+        handles = []
+        if self.family is not None:
+            first = 0
+            for stack in self.family.stacks:
+                count = len(getattr(model, stack.attr))
+                census.stacks.append((first, first + count))
+                first += count
+            for index, _, block in self.family.blocks(model):
+                handles.append(block.register_forward_pre_hook(_census_inputs(census, index), with_kwargs=True))
+                handles.append(block.register_forward_hook(_census_carry(census, index), with_kwargs=True))
+        handles.append(model.register_forward_pre_hook(_census_inputs(census, "model"), with_kwargs=True))
+        handles.append(model.register_forward_hook(_census_model(census), with_kwargs=True))
+        try:
+            with fake_tensors(), torch.no_grad(), scout.model_call(model, sigma, streams):
+                call_model()
+        finally:
+            for handle in handles:
+                handle.remove()
+            census.__dict__.pop("inputs", None)
+        for key, value in scout.cache.items():
+            if key[0] == "model" or not isinstance(key[0], int):
+                continue
+            index, name, *rest = key
+            if not rest or rest[0] == "history":
+                census.values.setdefault(index, {})[name] = tensor_bytes(value)
+            else:       # selection references, staleness, attention scores, kept inputs
+                census.extras[index] = census.extras.get(index, 0) + tensor_bytes(value)
+        return census
+
+    def make_plan(self, census: Census, budget: Budget, free_bytes: int | None, device: str,
+                  streams: int | None = None) -> CachePlan:
+        """Choose the finest rung that fits `budget` for `streams` CFG streams and use it."""
+        census = census.per_stream(streams or census.streams)
+        limit = budget.limit(free_bytes, census.residual, census.streams)
+        deep = [b for b in range(census.num_blocks) if self.policy.refreshes(b, census.num_blocks)] \
+            if self.family is not None else []
+        if self.family is None:         # no branches to keep: the model-level residual is the only rung
+            census = dataclasses.replace(census, stacks=[], values={}, carry={})
+        plan = choose(census, limit, device, history=self.history, corrections=self.keeps_corrections,
+                      deep_blocks=deep)
+        self.census, self.plan, self.rung = census, plan, plan.rung
+        return plan
+
+    def coarsen(self, why: str) -> CachePlan | None:
+        """Free the cache and move the rest of the run to the next coarser rung (after an
+        allocation failure). None when the run already holds the model-level residual only."""
+        self.cache.clear()
+        if self.rung.model_level:
+            return None
+        census = self.census
+        if census is None:          # no plan was made: the model-level residual needs no census
+            self.rung = MODEL_LEVEL
+            return None
+        deep = [b for b in range(census.num_blocks) if self.policy.refreshes(b, census.num_blocks)]
+        rungs = ladder(census, deep)
+        rung = rungs[rungs.index(self.rung) + 1] if self.rung in rungs[:-1] else MODEL_LEVEL
+        previous = self.plan
+        self.plan = CachePlan(rung, planned_bytes(census, rung, self.history, self.keeps_corrections),
+                              previous.budget if previous else None, previous.device if previous else "?",
+                              census.num_blocks, previous.considered if previous else [], reason=why)
+        self.rung = rung
+        return self.plan
 
     def branch_cost(self, block: nn.Module, branch: Branch, rows: int) -> float:
         key = id(block), branch.name
@@ -140,12 +253,13 @@ class _Call:
     # ---- attaching ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def attached(self):
-        if self.run.family is None:
+        if self.run.family is None or self.run.rung.model_level:
             with _instance_forward(self.model, self._model_level_forward):
                 yield
             return
         blocks = self.run.family.blocks(self.model)
         self._num_blocks = len(blocks)
+        self._spans: dict[tuple[int, int], dict] = {}     # this call's state of each residual span
         with contextlib.ExitStack() as stack:
             for index, block_stack, block in blocks:
                 for branch in block_stack.branches:
@@ -153,7 +267,10 @@ class _Call:
                     if module is None:      # an optional branch this block does not have
                         continue
                     stack.enter_context(_instance_forward(module, self._tap(index, block, branch)))
-                if block_stack.reuse_forward is not None:
+                span = self.run.rung.span_of(index)
+                if span is not None:
+                    stack.enter_context(_instance_forward(block, self._span_forward(index, span)))
+                elif block_stack.reuse_forward is not None:
                     stack.enter_context(_instance_forward(block, self._block_forward(index, block, block_stack)))
             yield
 
@@ -215,6 +332,93 @@ class _Call:
                     return self._full_block(index, original, args, kwargs)
             return forward
         return make
+
+    def _span_forward(self, index: int, span: tuple[int, int]):
+        """A block inside a residual span: the span's first block adds the cached (or forecast)
+        residual of the whole span to its inputs, the others hand their inputs on; on full steps
+        (or when nothing usable is cached) every block runs its own code and the last one stores
+        the span's output minus its input."""
+        first, last = span
+
+        def make(original):
+            def forward(*args, **kwargs):
+                run = self.run
+                state = self._spans.setdefault(span, {})
+                kind = self.block_kind(first)       # a span computes or reuses as a whole
+                carry = run.carry_maps.get(index)
+                if kind != StepKind.FULL and not state.get("computing") and carry is not None:
+                    if index != first:
+                        return _carried(carry, args, kwargs)
+                    reused = self._reused_span(span, carry, args, kwargs)
+                    if reused is not None:
+                        self.work.flops_full += sum(run.block_flops.get(b, 0.0) for b in range(first, last + 1))
+                        return reused
+                    self.work.misses += 1
+                if kind != StepKind.FULL:
+                    state["computing"] = True
+                if index == first and run.stores_at(self.schedule_step):
+                    # a copy: blocks may add into their inputs in place (freed at the span's end)
+                    state["inputs"] = ({i: a.clone() for i, a in enumerate(args) if torch.is_tensor(a)},
+                                       {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)})
+                before = self.work.flops_full
+                out = original(*args, **kwargs) if kind == StepKind.FULL else \
+                    self._full_block(index, original, args, kwargs)
+                run.block_flops[index] = self.work.flops_full - before
+                if carry is None:
+                    carry = run.carry_maps[index] = carry_map(args, kwargs, out)
+                if index == last and "inputs" in state:
+                    self._store_span(span, out, state.pop("inputs"))
+                return out
+            return forward
+        return make
+
+    def _reused_span(self, span, carry, args, kwargs):
+        is_tuple, locations = carry
+        parts = []
+        for j, location in enumerate(locations):
+            if location is None:
+                parts.append(None)
+                continue
+            x = _input_at(location, args, kwargs)
+            residual = self._reused(("span", *span, j), "span", x.device)
+            if residual is None or residual.shape != x.shape:
+                return None
+            parts.append((x + residual).to(residual.dtype))
+        return tuple(parts) if is_tuple else parts[0]
+
+    def _store_span(self, span, out, inputs):
+        carry = self.run.carry_maps.get(span[0])
+        if carry is None:
+            return
+        outs = out if carry[0] else (out,)
+        for j, location in enumerate(carry[1]):
+            if location is None:
+                continue
+            x = _input_at(location, *inputs)
+            self._remember(("span", *span, j), (outs[j] - x).to(outs[j].dtype))
+
+    def _reused(self, key, group: str, device) -> torch.Tensor | None:
+        """A cached value for this call: the stored one, or its forecast from the stored history."""
+        run = self.run
+        if run.forecast is None:
+            return run.cache.get(self.streams, key, device=device)
+        out = None
+        for slot, weight in run.forecast.plan(key, self.schedule_step, group, self.sigma):
+            value = run.cache.get(self.streams, key + ("history", slot), device=device)
+            if value is None:
+                return None
+            out = value * weight if out is None else out.add(value, alpha=weight)
+        return out
+
+    def _remember(self, key, value: torch.Tensor) -> None:
+        """Store a full step's value (into the forecaster's history when forecasting)."""
+        run = self.run
+        if run.forecast is None:
+            run.cache.put(self.streams, key, value)
+        else:       # forecasts read the history slots only: K values per entry, not K + 1
+            slot = run.forecast.slot_for(key, self.schedule_step, self.sigma)
+            run.cache.put(self.streams, key + ("history", slot), value)
+            run.cache.discard(self.streams, key + ("correction",))
 
     def _untapped(self, module, tokens):
         self._recomputing = True        # the module's tap hands straight to its own forward
@@ -293,26 +497,24 @@ class _Call:
 
     def _store_full(self, index, block, branch, out, tokens, inputs):
         run, key = self.run, (index, branch.name)
-        if self.schedule_step > run.last_cached_step and run.forecast is None and run.recorder is None \
-                and run.eoc is None:
+        if not run.stores_at(self.schedule_step) and run.recorder is None and run.eoc is None:
             return          # no later step of this run reads the cache
-        if run.forecast is None:
-            run.cache.put(self.streams, key, out)
-        else:       # forecasts read the history slots only: K values per branch, not K + 1
-            slot = run.forecast.slot_for(key, self.schedule_step, self.sigma)
-            run.cache.put(self.streams, key + ("history", slot), out)
-            run.cache.discard(self.streams, key + ("correction",))
-        if run.eoc is not None:
-            run.eoc.filled(self.streams, key, self.schedule_step)
         if run.recorder is not None and out.ndim >= 2:
             group = group_name(branch.role, index, self._num_blocks, run.recorder.grouping)
             run.recorder.observe(self.streams, key, group, self.schedule_step, out)
+        if not run.keeps_branches(index):
+            return          # a block inside a residual span: the span keeps one residual instead
+        self._remember(key, out)
+        if run.eoc is not None:
+            run.eoc.filled(self.streams, key, self.schedule_step)
         if branch.keep_inputs is not None and inputs:
             for name, value in branch.keep_inputs(block, inputs).items():
                 run.cache.put(self.streams, key + (name,), value)
         deep = self._refreshes(branch) and run.policy.refreshes(index, self._num_blocks)
         if not deep or not out.ndim >= 3:
             return
+        if run.recording is not None:       # a census: selective steps keep an offset per refreshed branch
+            run.recording.corrections[index] = run.recording.corrections.get(index, 0) + out.numel() * out.element_size()
         if run.selector.needs_reference and tokens is not None:
             # a copy: some blocks (LTXV, Flux) add into their residual stream in place after the branch
             run.cache.put(self.streams, key + ("reference",), tokens().clone())
@@ -364,13 +566,7 @@ class _Call:
         run, key = self.run, (index, branch.name)
         grouping = getattr(run.forecast.forecaster, "grouping", "role")
         group = group_name(branch.role, index, self._num_blocks, grouping)
-        plan = run.forecast.plan(key, self.schedule_step, group, self.sigma)
-        out = None
-        for slot, weight in plan:
-            value = run.cache.get(self.streams, key + ("history", slot), device=device)
-            if value is None:
-                return None
-            out = value * weight if out is None else out.add(value, alpha=weight)
+        out = self._reused(key, group, device)
         if out is None:
             return None
         correction = run.cache.get(self.streams, key + ("correction",), device=device)
@@ -385,7 +581,7 @@ class _Call:
             self.work.flops_full += 1.0
             key = ("model", "residual")
             if self.step_kind != StepKind.FULL:
-                cached = self.run.cache.get(self.streams, key, device=x.device)
+                cached = self._reused(key, "model", x.device)
                 if cached is not None and cached.shape[0] == x.shape[0] and cached.shape[2:] == x.shape[2:]:
                     channels = cached.shape[1]
                     return x[:, :channels] + cached
@@ -393,10 +589,10 @@ class _Call:
             out = original(x, *args, **kwargs)
             self.work.flops_done += 1.0
             self.work.computed += 1
-            if self.schedule_step > self.run.last_cached_step:
+            if not self.run.stores_at(self.schedule_step):
                 return out              # no later step of this run reads the cache
             if out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:] and out.shape[1] <= x.shape[1]:
-                self.run.cache.put(self.streams, key, out - x[:, :out.shape[1]])
+                self._remember(key, out - x[:, :out.shape[1]])
             return out
         return forward
 
@@ -418,3 +614,71 @@ def _instance_forward(module: nn.Module, make: Callable[[Callable], Callable]):
             module.__dict__.pop("forward", None)
         else:
             module.forward = previous
+
+
+# ---- residual spans and the census ------------------------------------------------------------
+def carry_map(args: tuple, kwargs: dict, output) -> tuple | None:
+    """Which input each output of a block continues: (output is a tuple, locations), a location
+    being ("arg", i) or ("kw", name), None for a None output; matched by shape, in argument
+    order. None when some output has no input of its shape (no residual can be taken)."""
+    outs = output if isinstance(output, (tuple, list)) else (output,)
+    candidates = [(("arg", i), a) for i, a in enumerate(args) if torch.is_tensor(a)]
+    candidates += [(("kw", k), v) for k, v in kwargs.items() if torch.is_tensor(v)]
+    used, locations = set(), []
+    for out in outs:
+        if out is None:
+            locations.append(None)
+            continue
+        if not torch.is_tensor(out):
+            return None
+        match = next((loc for loc, t in candidates if loc not in used and t.shape == out.shape), None)
+        if match is None:
+            return None
+        used.add(match)
+        locations.append(match)
+    return isinstance(output, (tuple, list)), tuple(locations)
+
+
+def _input_at(location, args, kwargs):
+    where, at = location
+    return args[at] if where == "arg" else kwargs[at]
+
+
+def _carried(carry, args, kwargs):
+    """A block's output when a span reuses it: its inputs, handed on unchanged."""
+    is_tuple, locations = carry
+    parts = tuple(None if loc is None else _input_at(loc, args, kwargs) for loc in locations)
+    return parts if is_tuple else parts[0]
+
+
+def _census_inputs(census: Census, where):
+    def hook(module, args, kwargs):
+        census.__dict__.setdefault("inputs", {})[where] = (args, kwargs)
+    return hook
+
+
+def _census_carry(census: Census, index: int):
+    def hook(module, args, kwargs, output):
+        args, kwargs = census.inputs.pop(index, (args, kwargs))
+        carry = carry_map(args, kwargs, output)
+        if carry is None:
+            census.carry[index] = None
+            return
+        outs = output if carry[0] else (output,)
+        sizes = [(o - _input_at(loc, args, kwargs)).to(o.dtype) for o, loc in zip(outs, carry[1]) if loc is not None]
+        census.carry[index] = sum(t.numel() * t.element_size() for t in sizes)
+        if index == 0:
+            census.residual = max(t.numel() * t.element_size() for t in sizes) // max(census.streams, 1)
+    return hook
+
+
+def _census_model(census: Census):
+    def hook(module, args, kwargs, output):
+        args, kwargs = census.inputs.pop("model", (args, kwargs))
+        x = args[0] if args else next(iter(v for v in kwargs.values() if torch.is_tensor(v)))
+        if torch.is_tensor(output) and output.shape[0] == x.shape[0] and output.shape[1] <= x.shape[1]:
+            residual = output - x[:, :output.shape[1]]
+            census.model = residual.numel() * residual.element_size()
+        if not census.residual:
+            census.residual = census.model // max(census.streams, 1)
+    return hook

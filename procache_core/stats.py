@@ -32,6 +32,7 @@ class RunStats:
         self.started = time.time()
         self.wall_seconds = 0.0
         self.cache_bytes_peak = 0
+        self.plan: dict | None = None       # the cache plan (memory.CachePlan.to_dict) when one was made
         self.notes: list[str] = []
 
     def record_call(self, step: int, streams, kind: StepKind, seconds: float,
@@ -82,6 +83,7 @@ class RunStats:
             "flops_speedup": round(self.flops_speedup, 4),
             "wall_seconds": round(self.wall_seconds, 4),
             "cache_bytes_peak": self.cache_bytes_peak,
+            "plan": self.plan,
             "misses": sum(r.misses for r in self.steps),
             "notes": list(self.notes),
         }

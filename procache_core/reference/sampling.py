@@ -30,8 +30,10 @@ def ddim_timesteps(steps: int, train_steps: int = TRAIN_STEPS) -> list[int]:
 @torch.no_grad()
 def sample(model: DiT, labels: torch.Tensor, steps: int = 50, cfg: float = 1.5, seed: int = 0,
            policy: Policy | None = None, selector: TokenSelector | None = None,
-           noise: torch.Tensor | None = None, return_run: bool = False, forecaster=None, recorder=None, eoc=None):
-    """Deterministic DDIM (eta = 0). With `policy`, blocks run through the caching engine."""
+           noise: torch.Tensor | None = None, return_run: bool = False, forecaster=None, recorder=None, eoc=None,
+           budget=None):
+    """Deterministic DDIM (eta = 0). With `policy`, blocks run through the caching engine; with a
+    `budget` (memory.Budget) the run plans its cache first and takes the finest rung that fits."""
     cfg_model = model.cfg
     n = labels.shape[0]
     if noise is None:
@@ -56,6 +58,9 @@ def sample(model: DiT, labels: torch.Tensor, steps: int = 50, cfg: float = 1.5, 
             if run is None:
                 eps = model(inp, tt, y)
             else:
+                if budget is not None and i == 0:
+                    census = run.take_census(model, float(t), streams, lambda: model(inp, tt, y))
+                    run.make_plan(census, budget, free_bytes=None, device=str(inp.device))
                 with run.model_call(model, float(t), streams):
                     eps = model(inp, tt, y)
                 run.clock.step_finished(i)

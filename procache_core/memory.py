@@ -1,0 +1,311 @@
+"""The cache plan: what each granularity would hold, and the finest one that fits a budget.
+
+At real sizes one cached tensor is tens of MiB (FLUX 1024²) to most of a GiB (Wan 14B 720p), and
+branch-level caching keeps one per branch, per block, per CFG stream, times the forecaster's
+history. So before the first block of a sampler run computes, the engine takes a *census*: one
+model call run on fake tensors (no compute, no memory) that records what a full step would store,
+block by block. A `Rung` says which blocks keep their branches and which blocks are grouped into
+residual *spans* (one residual per span: the span's output minus its input); `planned_bytes`
+turns census + rung into the bytes the cache store will hold at its peak, and `choose` walks the
+ladder from finest to coarsest until the plan fits the budget:
+
+    branch level in every block
+    -> branch level in the deepest blocks (where selective steps refresh tokens), spans elsewhere
+    -> residual spans of k blocks
+    -> one model-level residual (the output of the whole model, as the step-skipping caches keep)
+
+Budgets are bytes; "auto" is a share of the cache device's free memory at run start, and a budget
+may also be given in residuals: one latent-token x hidden tensor per CFG stream, what the
+step-skipping caches keep, so a budget of 8 residuals means the same at every resolution.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+from typing import Iterable
+
+import torch
+
+GIB = 1 << 30
+AUTO_SHARE = 0.15           # "auto": this share of the cache device's free memory at run start
+
+
+class BudgetError(ValueError):
+    """A budget text that cannot be read; the message says what to write instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much the cache may hold. kind: auto | unlimited | minimal | bytes | residuals."""
+
+    kind: str = "auto"
+    amount: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Budget":
+        raw = str(text).strip().lower()
+        if raw in ("", "auto"):
+            return cls("auto")
+        if raw in ("unlimited", "none", "off"):
+            return cls("unlimited")
+        if raw in ("minimal", "min"):
+            return cls("minimal")
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m|residuals?|r)?", raw)
+        if match is None:
+            raise BudgetError(f"the budget {text!r} is not understood: write auto, minimal, unlimited, a size such "
+                              "as 4 GiB or 512 MiB, or a count of residuals such as 8 residuals")
+        amount, unit = float(match.group(1)), match.group(2) or "gib"
+        if not math.isfinite(amount) or amount > 1e6:
+            raise BudgetError(f"the budget {text!r} is out of range: give at most 1000000 GiB or residuals")
+        if unit.startswith("r"):
+            return cls("residuals", amount)
+        return cls("bytes", amount * (GIB if unit.startswith("g") else 1 << 20))
+
+    def limit(self, free_bytes: int | None, residual_bytes: int, streams: int) -> int | None:
+        """The budget in bytes for this run (None: no limit; 0: the minimal rung)."""
+        if self.kind == "unlimited":
+            return None
+        if self.kind == "minimal":
+            return 0
+        if self.kind == "bytes":
+            return int(self.amount)
+        if self.kind == "residuals":
+            return int(self.amount * residual_bytes * streams)
+        return None if free_bytes is None else int(free_bytes * AUTO_SHARE)
+
+    def describe(self) -> str:
+        if self.kind == "bytes":
+            return format_bytes(self.amount)
+        if self.kind == "residuals":
+            return f"{self.amount:g} residuals"
+        return self.kind
+
+
+def format_bytes(n: float) -> str:
+    n = float(n)
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    if n >= 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{int(n)} B"
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a stored tensor holds: its whole storage (a view keeps its base alive)."""
+    return t.untyped_storage().nbytes()
+
+
+@dataclasses.dataclass
+class Census:
+    """What one full step of this run stores, block by block, for the streams of one call.
+
+    values: block -> branch name -> bytes of the branch's cached value (forecasts keep `history`
+        of them).
+    extras: block -> bytes stored once per block whatever the history (selection references,
+        staleness, attention scores, kept inputs).
+    corrections: block -> bytes of the offsets selective steps keep when forecasting.
+    carry: block -> bytes of the residual a span ending at this block stores (None: the block's
+        outputs do not all match its inputs, so no span may end there).
+    stacks: the block index ranges of each block list (a span never crosses two lists).
+    model: bytes of the model-level residual (the model's output).
+    residual: bytes of one residual per stream (one latent-token x hidden tensor): the unit of
+        budgets given in residuals.
+    """
+
+    streams: int = 1
+    values: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)
+    extras: dict[int, int] = dataclasses.field(default_factory=dict)
+    corrections: dict[int, int] = dataclasses.field(default_factory=dict)
+    carry: dict[int, int | None] = dataclasses.field(default_factory=dict)
+    stacks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    model: int = 0
+    residual: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return max((end for _, end in self.stacks), default=0)
+
+    def per_stream(self, streams: int) -> "Census":
+        """The census scaled from the streams it was taken on to `streams` (CFG passes run apart
+        carry the same shapes: one latent, one text length per family)."""
+        if streams == self.streams:
+            return self
+        scale = lambda n: None if n is None else n * streams // self.streams  # noqa: E731
+        return Census(streams=streams,
+                      values={b: {k: scale(v) for k, v in d.items()} for b, d in self.values.items()},
+                      extras={b: scale(v) for b, v in self.extras.items()},
+                      corrections={b: scale(v) for b, v in self.corrections.items()},
+                      carry={b: scale(v) for b, v in self.carry.items()}, stacks=list(self.stacks),
+                      model=scale(self.model), residual=self.residual)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    """One granularity: blocks cached per branch, residual spans (first, last block, inclusive),
+    or the model-level residual."""
+
+    branch_blocks: frozenset = frozenset()
+    spans: tuple[tuple[int, int], ...] = ()
+    model_level: bool = False
+
+    @property
+    def kind(self) -> str:
+        if self.model_level:
+            return "model"
+        if not self.spans:
+            return "branch"
+        return "mixed" if self.branch_blocks else "spans"
+
+    def span_of(self, block: int) -> tuple[int, int] | None:
+        for first, last in self.spans:
+            if first <= block <= last:
+                return first, last
+        return None
+
+    def describe(self, num_blocks: int) -> str:
+        if self.model_level:
+            return "one model-level residual"
+        if not self.spans:
+            return f"branch level in all {num_blocks} blocks"
+        lengths = sorted({last - first + 1 for first, last in self.spans})
+        span = f"{'/'.join(map(str, lengths))}-block residual spans"
+        if not self.branch_blocks:
+            return f"{span} ({len(self.spans)} spans)"
+        return f"branch level in {len(self.branch_blocks)} of {num_blocks} blocks, {span} elsewhere"
+
+
+BRANCH_LEVEL = Rung()
+MODEL_LEVEL = Rung(model_level=True)
+
+
+def planned_bytes(census: Census, rung: Rung, history: int = 1, corrections: bool = False) -> int:
+    """Peak bytes of the cache store for `rung`: values x history, plus what is stored once."""
+    if rung.model_level:
+        return census.model * history
+    total = 0
+    for first, last in rung.spans:
+        total += (census.carry.get(last) or 0) * history
+    for block in range(census.num_blocks):
+        if block in rung.branch_blocks or (not rung.spans and block in census.values):
+            total += sum(census.values.get(block, {}).values()) * history + census.extras.get(block, 0)
+            if corrections:
+                total += census.corrections.get(block, 0)
+    return total
+
+
+def ladder(census: Census, deep_blocks: Iterable[int] = ()) -> list[Rung]:
+    """The rungs from finest to coarsest that this census allows.
+
+    Blocks keep their branches deepest first (the deep blocks refresh tokens on selective steps and
+    carry the detail), shallower blocks go into spans; spans grow in length k = 1, 2, 4, ... up to a
+    whole block list. A block list whose blocks do not hand back what they take (no span may end
+    there) keeps branch level in every rung but the model-level one.
+    """
+    n = census.num_blocks
+    if n == 0:
+        return [MODEL_LEVEL]
+    spannable = {b for b in range(n) if census.carry.get(b) is not None}
+    fixed = frozenset(range(n)) - spannable          # blocks that can only be cached per branch
+    deep = [b for b in sorted(set(deep_blocks), reverse=True) if b in spannable]
+    order = deep + [b for b in range(n - 1, -1, -1) if b in spannable and b not in deep]
+    counts = []
+    for keep in (len(deep), *[len(deep) >> s for s in range(1, 8)], 1, 0):
+        if 0 <= keep < len(order) and keep not in counts:
+            counts.append(keep)
+    rungs = [BRANCH_LEVEL]
+    longest = max(last - first for first, last in census.stacks) + 1
+    lengths = [1]
+    while lengths[-1] < longest:
+        lengths.append(min(lengths[-1] * 2, longest))
+    for keep in counts:
+        branch = fixed | frozenset(order[:keep])
+        for k in lengths:
+            spans = _spans(census.stacks, branch, k)
+            if spans:
+                rungs.append(Rung(branch_blocks=branch, spans=spans))
+    rungs.append(MODEL_LEVEL)
+    unique = []
+    for r in rungs:
+        if r not in unique:
+            unique.append(r)
+    return unique
+
+
+def _spans(stacks, branch_blocks, k: int) -> tuple[tuple[int, int], ...]:
+    """Runs of consecutive non-branch blocks within each block list, cut into spans of at most k."""
+    spans = []
+    for first, end in stacks:
+        run = []
+        for b in range(first, end + 1):
+            if b < end and b not in branch_blocks:
+                run.append(b)
+                continue
+            for i in range(0, len(run), k):
+                chunk = run[i:i + k]
+                spans.append((chunk[0], chunk[-1]))
+            run = []
+    return tuple(spans)
+
+
+@dataclasses.dataclass
+class CachePlan:
+    """The rung a run uses and what it holds, with every rung it looked at."""
+
+    rung: Rung
+    bytes: int
+    budget: int | None
+    device: str
+    num_blocks: int
+    considered: list[tuple[str, int]] = dataclasses.field(default_factory=list)   # (rung, bytes)
+    reason: str = ""
+
+    def text(self, peak: int | None = None) -> str:
+        budget = "no budget" if self.budget is None else f"budget {format_bytes(self.budget)}"
+        line = f"{self.rung.describe(self.num_blocks)}: {format_bytes(self.bytes)} on {self.device} ({budget})"
+        if peak is not None:
+            line += f", peak {format_bytes(peak)}"
+        if self.reason:
+            line += f"; {self.reason}"
+        return line
+
+    def to_dict(self, peak: int | None = None) -> dict:
+        return {"rung": self.rung.kind, "granularity": self.rung.describe(self.num_blocks), "bytes": self.bytes,
+                "budget": self.budget, "device": self.device, "branch_blocks": len(self.rung.branch_blocks),
+                "spans": len(self.rung.spans), "considered": [list(c) for c in self.considered],
+                "text": self.text(peak)}
+
+
+def choose(census: Census, budget: int | None, device: str, *, history: int = 1, corrections: bool = False,
+           deep_blocks: Iterable[int] = (), coarser_than: Rung | None = None) -> CachePlan:
+    """The finest rung whose plan fits `budget` (None: branch level everywhere).
+
+    coarser_than: only rungs after this one (a run that ran out of memory moves down the ladder).
+    """
+    rungs = ladder(census, deep_blocks)
+    if coarser_than is not None and coarser_than in rungs:
+        rungs = rungs[rungs.index(coarser_than) + 1:]
+    considered = []
+    for rung in rungs:
+        size = planned_bytes(census, rung, history, corrections)
+        considered.append((rung.describe(census.num_blocks), size))
+        if budget is None or size <= budget:
+            return CachePlan(rung, size, budget, device, census.num_blocks, considered)
+    if not rungs:
+        raise MemoryError("no coarser granularity is left")
+    rung = rungs[-1]
+    size = planned_bytes(census, rung, history, corrections)
+    return CachePlan(rung, size, budget, device, census.num_blocks, considered,
+                     reason="even this exceeds the budget; it is the smallest cache there is")
+
+
+@contextlib.contextmanager
+def fake_tensors():
+    """Run model code on fake tensors: shapes, dtypes and storage sizes without compute or memory.
+    Real weights and inputs are read as fakes of themselves."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield

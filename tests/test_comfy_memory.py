@@ -1,0 +1,198 @@
+"""The cache plan inside a real ComfyUI: the plan made before the first block equals the measured
+peak of the cache store, budgets pick coarser rungs, and an allocation failure mid-run moves the
+rest of the run down the ladder instead of taking it down."""
+import logging
+
+import pytest
+import torch
+
+import comfy_env
+
+pytestmark = [pytest.mark.skipif(comfy_env.comfy_path() is None, reason="no ComfyUI: set COMFYUI_PATH"),
+              pytest.mark.usefixtures("one_thread")]
+
+SELECTIVE = "1,0,2,0,1,2"
+
+
+@pytest.fixture(scope="module")
+def pack():
+    comfy_env.load_pack()
+    import procache_comfyui
+    return procache_comfyui
+
+
+@pytest.fixture
+def runs(pack, monkeypatch):
+    from procache_comfyui.nodes import runtime
+    made = []
+    start_run = runtime.start_run
+    monkeypatch.setattr(runtime, "start_run", lambda *a, **k: made.append(start_run(*a, **k)) or made[-1])
+    return made
+
+
+def _apply(pack, mp, budget, pattern=SELECTIVE, forecaster=None, cache_on_cpu=False):
+    from procache_comfyui.procache_core import parse_pattern
+    node = pack.nodes.apply_node.ProCacheApply
+    return node.execute(mp, parse_pattern(pattern), 0.0, 1.0, False, cache_on_cpu, budget,
+                        forecaster=forecaster).result[0]
+
+
+def _residuals_budget(run, count):
+    return count * run.census.residual * run.census.streams
+
+
+def _family_patcher(name):
+    import comfy_families
+    if name in ("flux", "pixart", "wan"):
+        return comfy_env.make_patcher(name), lambda p, **k: comfy_env.sample(p, name, **k)
+    if not comfy_families.available(name):
+        pytest.skip(f"{name} is not in this ComfyUI")
+    return comfy_families.make_patcher(name), lambda p, **k: comfy_families.sample(p, name, **k)
+
+
+FAMILY_NAMES = ["flux", "pixart", "wan", "sd3", "qwen_image", "lumina2", "hunyuan_video", "ltxv", "auraflow",
+                "cosmos_predict2", "hunyuan_dit", "mochi", "kandinsky5", "wan22_ti2v"]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_plan_equals_measured_peak_in_every_family(pack, runs, name):
+    mp, sample = _family_patcher(name)
+    for budget in ("unlimited", "3 residuals", "minimal"):
+        out = sample(_apply(pack, mp, budget), steps=6)
+        run = runs[-1]
+        plan = run.stats.plan
+        assert torch.isfinite(out).all()
+        assert plan is not None, run.stats.notes
+        assert plan["bytes"] == run.stats.cache_bytes_peak, (budget, plan["text"])
+        if budget == "minimal":
+            assert plan["rung"] == "model"
+        if budget == "unlimited":
+            assert plan["rung"] == "branch" and plan["budget"] is None
+
+
+@pytest.mark.parametrize("cfg,batch,forecast,pattern", [
+    (1.0, 1, None, SELECTIVE), (2.0, 2, None, SELECTIVE), (2.0, 1, 2, SELECTIVE), (2.0, 1, 1, "1,0,0,1,0,0")])
+def test_plan_equals_peak_with_cfg_batch_forecasters_and_selective_steps(pack, runs, cfg, batch, forecast, pattern):
+    from procache_comfyui.procache_core.forecast import Taylor
+    mp = comfy_env.make_patcher("wan")
+    forecaster = Taylor(forecast) if forecast else None
+    streams = 1 if cfg == 1.0 else 2
+    for budget in ("unlimited", "4 residuals", "2 residuals", "minimal"):
+        comfy_env.sample(_apply(pack, mp, budget, pattern, forecaster), "wan", cfg=cfg, batch=batch)
+        run = runs[-1]
+        assert run.census.streams == streams
+        assert run.stats.plan["bytes"] == run.stats.cache_bytes_peak, (budget, run.stats.plan["text"])
+        if budget.endswith("residuals"):
+            assert run.stats.plan["bytes"] <= _residuals_budget(run, int(budget[0]))
+
+
+def test_budget_walks_the_ladder_finest_first(pack, runs):
+    from procache_comfyui.procache_core import memory
+    mp = comfy_env.make_patcher("flux", size="small")
+    sizes = []
+    for budget in ("unlimited", "24 residuals", "8 residuals", "2 residuals", "minimal"):
+        out = comfy_env.sample(_apply(pack, mp, budget), "flux")
+        run = runs[-1]
+        assert torch.isfinite(out).all()
+        plan = run.plan
+        sizes.append(plan.bytes)
+        # the chosen rung fits, and every finer rung of the ladder did not
+        rungs = memory.ladder(run.census, [b for b in range(run.census.num_blocks)
+                                           if run.policy.refreshes(b, run.census.num_blocks)])
+        finer = rungs[:rungs.index(plan.rung)]
+        assert all(memory.planned_bytes(run.census, r, run.history, run.keeps_corrections) > plan.budget
+                   for r in finer if plan.budget is not None)
+        assert plan.budget is None or plan.bytes <= plan.budget or plan.rung.model_level
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 4 * sizes[-2] > 0
+    assert [runs[i].plan.rung.kind for i in (-5, -1)] == ["branch", "model"]
+
+
+def test_spans_keep_the_deep_blocks_at_branch_level_for_selective_steps(pack, runs):
+    mp = comfy_env.make_patcher("flux", size="small")
+    comfy_env.sample(_apply(pack, mp, "24 residuals"), "flux")
+    run = runs[-1]
+    assert run.plan.rung.kind == "mixed", run.plan.text()
+    deep = {b for b in range(run.census.num_blocks) if run.policy.refreshes(b, run.census.num_blocks)}
+    kept = run.plan.rung.branch_blocks
+    assert kept and (kept <= deep or deep <= kept)
+    assert sum(run.selected_tokens) > 0          # selective steps still refresh tokens in the kept blocks
+    assert "branch level in" in run.stats.plan["text"] and "residual spans" in run.stats.plan["text"]
+
+
+def test_an_all_full_schedule_is_exact_at_every_rung(pack, runs):
+    mp = comfy_env.make_patcher("flux")
+    plain = comfy_env.sample(mp, "flux")
+    for budget in ("2 residuals", "minimal"):
+        out = comfy_env.sample(_apply(pack, mp, budget, pattern="1,1,1,1,1,1"), "flux")
+        assert torch.equal(out, plain), budget
+
+
+def test_reuse_at_span_rung_differs_from_full_and_stays_close(pack, runs):
+    mp = comfy_env.make_patcher("wan")
+    plain = comfy_env.sample(mp, "wan")
+    errors = {}
+    for budget in ("unlimited", "2 residuals", "minimal"):
+        out = comfy_env.sample(_apply(pack, mp, budget, pattern="1,0,1,0,1,1"), "wan")
+        errors[runs[-1].plan.rung.kind] = ((out - plain).norm() / plain.norm()).item()
+    assert set(errors) == {"branch", "spans", "model"}
+    assert all(0 < e < 0.5 for e in errors.values()), errors
+
+
+def test_out_of_memory_mid_run_moves_down_the_ladder_and_the_image_comes_out(pack, runs, monkeypatch, caplog):
+    from procache_comfyui.nodes import runtime
+    from procache_comfyui.procache_core import cache as cache_module
+    mp = comfy_env.make_patcher("wan")
+    failures = {"left": 1}
+    put = cache_module.CacheStore.put
+
+    def failing_put(self, *args, **kwargs):
+        if failures["left"] and runs and self is runs[-1].cache and len(self) > 4:
+            failures["left"] -= 1
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 2.00 GiB")
+        return put(self, *args, **kwargs)
+    monkeypatch.setattr(cache_module.CacheStore, "put", failing_put)
+    with caplog.at_level(logging.WARNING, logger="procache"):
+        out = comfy_env.sample(_apply(pack, mp, "unlimited", pattern="1,0,1,0,1,0"), "wan")
+    run = runs[-1]
+    assert torch.isfinite(out).all() and failures["left"] == 0
+    assert run.rung.kind != "branch" and run.stats.plan["rung"] == run.rung.kind
+    notes = runtime.LAST_RUNS.latest()["notes"]
+    assert any("out of memory while caching" in n and "smaller one" in n for n in notes)
+    assert "R" in runtime.LAST_RUNS.latest()["actual"]["stream 0"][3:]    # still caching after the failure
+
+
+def test_repeated_out_of_memory_ends_in_full_compute(pack, runs, monkeypatch):
+    from procache_comfyui.nodes import runtime
+    from procache_comfyui.procache_core import cache as cache_module
+    mp = comfy_env.make_patcher("wan")
+
+    put = cache_module.CacheStore.put
+
+    def failing_put(self, *args, **kwargs):
+        if self is runs[-1].cache:      # the census (fake tensors) stores fine; the run's cache never
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return put(self, *args, **kwargs)
+    monkeypatch.setattr(cache_module.CacheStore, "put", failing_put)
+    out = comfy_env.sample(_apply(pack, mp, "auto", pattern="1,0,1,0,1,0"), "wan")
+    notes, failed = runtime.LAST_RUNS.latest()["notes"], runs[-1]
+    monkeypatch.undo()
+    full = comfy_env.sample(_apply(pack, comfy_env.make_patcher("wan"), "unlimited", pattern="1,1,1,1,1,1"), "wan")
+    assert torch.equal(out, full)
+    assert any("computes the rest of this run in full" in n for n in notes)
+    # every rung below branch level was tried once before giving up
+    assert sum("smaller one" in n for n in notes) == len(memory_ladder(failed)) - 1
+
+
+def memory_ladder(run):
+    from procache_comfyui.procache_core import memory
+    return memory.ladder(run.census, [b for b in range(run.census.num_blocks)
+                                      if run.policy.refreshes(b, run.census.num_blocks)])
+
+
+def test_memory_budget_input_refuses_text_it_cannot_read(pack):
+    node = pack.nodes.apply_node.ProCacheApply
+    message = node.validate_inputs(memory_budget="lots")
+    assert isinstance(message, str) and "memory_budget" in message and "GiB" in message
+    assert node.validate_inputs(memory_budget="6 GiB") is True
+    option = next(i for i in node.GET_SCHEMA().inputs if i.id == "memory_budget")
+    assert option.default == "auto" and "residual" in option.tooltip
