@@ -37,7 +37,7 @@ class ProCacheApply(io.ComfyNode):
                 io.Boolean.Input("cache_on_cpu", default=False,
                                  tooltip="Keep cached tensors in system RAM instead of VRAM: saves VRAM on big "
                                          "video models, costs a copy on every cached step."),
-                io.String.Input("memory_budget", default="auto",
+                io.String.Input("memory_budget", default="auto", optional=True,   # older workflows lack it
                                 tooltip="How much memory the cache may hold. auto: 15% of the cache device's free "
                                         "memory at the start of each run. A size (4 GiB, 512 MiB), a count of "
                                         "residuals (8 residuals: one image-token x hidden tensor per CFG pass, "

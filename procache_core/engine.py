@@ -125,23 +125,23 @@ class Run:
 
     # ---- memory plan ---------------------------------------------------------------------------
     @property
-    def history(self) -> int:
-        """Values kept per cached entry: the forecaster's history, capped by the full steps there are."""
+    def phases(self) -> tuple[tuple[int, bool], ...]:
+        """The states this run's cache passes through (memory.planned_bytes): values held per
+        entry (a forecaster's history fills a slot per full step) and whether selective steps'
+        offsets from the forecast are held (until the next full step drops them)."""
         if self.forecast is None:
-            return 1
-        planned = [self.policy.step_kind(self.clock.offset + k) for k in range(self.clock.steps)]
-        computing = self.clock.steps if getattr(getattr(self.policy, "schedule", None), "units", None) is not None \
-            else sum(1 for kind in planned if kind == StepKind.FULL)
-        return max(1, min(self.forecast.forecaster.history, computing))
-
-    @property
-    def keeps_corrections(self) -> bool:
-        """Selective steps keep their offsets from the forecast (forecasting runs only)."""
-        return self.forecast is not None and StepKind.SELECTIVE in self.stats_planned
-
-    @property
-    def stats_planned(self) -> list[StepKind]:
-        return [StepKind(r.planned) for r in self.stats.steps]
+            return ((1, False),)
+        history = self.forecast.forecaster.history
+        routed = getattr(getattr(self.policy, "schedule", None), "units", None) is not None
+        states, fulls, held = set(), 0, False
+        for k in range(self.clock.steps):
+            kind = self.policy.step_kind(self.clock.offset + k)
+            if kind == StepKind.FULL or routed:
+                fulls, held = fulls + 1, False
+            elif kind == StepKind.SELECTIVE and fulls:
+                held = True
+            states.add((max(1, min(fulls, history)), held))
+        return tuple(sorted(states))
 
     def stores_at(self, step: int) -> bool:
         """Whether a full step's values are kept: some later step reads them (or a forecast's history)."""
@@ -197,8 +197,7 @@ class Run:
             if self.family is not None else []
         if self.family is None:         # no branches to keep: the model-level residual is the only rung
             census = dataclasses.replace(census, stacks=[], values={}, carry={})
-        plan = choose(census, limit, device, history=self.history, corrections=self.keeps_corrections,
-                      deep_blocks=deep)
+        plan = choose(census, limit, device, phases=self.phases, deep_blocks=deep)
         self.census, self.plan, self.rung = census, plan, plan.rung
         return plan
 
@@ -216,7 +215,7 @@ class Run:
         rungs = ladder(census, deep)
         rung = rungs[rungs.index(self.rung) + 1] if self.rung in rungs[:-1] else MODEL_LEVEL
         previous = self.plan
-        self.plan = CachePlan(rung, planned_bytes(census, rung, self.history, self.keeps_corrections),
+        self.plan = CachePlan(rung, planned_bytes(census, rung, self.phases),
                               previous.budget if previous else None, previous.device if previous else "?",
                               census.num_blocks, previous.considered if previous else [], reason=why)
         self.rung = rung
@@ -438,7 +437,7 @@ class _Call:
         def store(scores):
             for name, value in scores.items():
                 run.cache.put(self.streams, (index, name, "importance"), value)
-        ctx = ProbeContext(deep=run.policy.refreshes(index, self._num_blocks), store=store, notes=self.probe_notes,
+        ctx = ProbeContext(deep=run.policy.refreshes(index, self._num_blocks) and run.keeps_branches(index), store=store, notes=self.probe_notes,
                            queries=lambda n, device: run.selector.query_subset(n, step, index, device))
         with forward_hooks(probe(block, args, kwargs, ctx)):
             return original(*args, **kwargs)

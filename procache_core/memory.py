@@ -182,19 +182,28 @@ BRANCH_LEVEL = Rung()
 MODEL_LEVEL = Rung(model_level=True)
 
 
-def planned_bytes(census: Census, rung: Rung, history: int = 1, corrections: bool = False) -> int:
-    """Peak bytes of the cache store for `rung`: values x history, plus what is stored once."""
+Phases = tuple  # ((values kept per entry, selective offsets held), ...): the states a run passes through
+
+
+def planned_bytes(census: Census, rung: Rung, phases: Phases = ((1, False),)) -> int:
+    """Peak bytes of the cache store for `rung`.
+
+    phases: the states the run passes through (Run.phases): how many values each entry holds
+    (a forecaster's history fills one slot per full step) and whether selective steps' offsets
+    are held (forecasting runs keep them until the next full step drops them). Entries stored
+    once (selection references, staleness, scores) are there from the first full step on.
+    """
     if rung.model_level:
-        return census.model * history
-    total = 0
+        return census.model * max(slots for slots, _ in phases)
+    values = extras = corrections = 0
     for first, last in rung.spans:
-        total += (census.carry.get(last) or 0) * history
+        values += census.carry.get(last) or 0
     for block in range(census.num_blocks):
         if block in rung.branch_blocks or (not rung.spans and block in census.values):
-            total += sum(census.values.get(block, {}).values()) * history + census.extras.get(block, 0)
-            if corrections:
-                total += census.corrections.get(block, 0)
-    return total
+            values += sum(census.values.get(block, {}).values())
+            extras += census.extras.get(block, 0)
+            corrections += census.corrections.get(block, 0)
+    return max(slots * values + (corrections if held else 0) for slots, held in phases) + extras
 
 
 def ladder(census: Census, deep_blocks: Iterable[int] = ()) -> list[Rung]:
@@ -279,7 +288,7 @@ class CachePlan:
                 "text": self.text(peak)}
 
 
-def choose(census: Census, budget: int | None, device: str, *, history: int = 1, corrections: bool = False,
+def choose(census: Census, budget: int | None, device: str, *, phases: Phases = ((1, False),),
            deep_blocks: Iterable[int] = (), coarser_than: Rung | None = None) -> CachePlan:
     """The finest rung whose plan fits `budget` (None: branch level everywhere).
 
@@ -290,14 +299,14 @@ def choose(census: Census, budget: int | None, device: str, *, history: int = 1,
         rungs = rungs[rungs.index(coarser_than) + 1:]
     considered = []
     for rung in rungs:
-        size = planned_bytes(census, rung, history, corrections)
+        size = planned_bytes(census, rung, phases)
         considered.append((rung.describe(census.num_blocks), size))
         if budget is None or size <= budget:
             return CachePlan(rung, size, budget, device, census.num_blocks, considered)
     if not rungs:
         raise MemoryError("no coarser granularity is left")
     rung = rungs[-1]
-    size = planned_bytes(census, rung, history, corrections)
+    size = planned_bytes(census, rung, phases)
     return CachePlan(rung, size, budget, device, census.num_blocks, considered,
                      reason="even this exceeds the budget; it is the smallest cache there is")
 

@@ -100,7 +100,7 @@ def test_budget_walks_the_ladder_finest_first(pack, runs):
         rungs = memory.ladder(run.census, [b for b in range(run.census.num_blocks)
                                            if run.policy.refreshes(b, run.census.num_blocks)])
         finer = rungs[:rungs.index(plan.rung)]
-        assert all(memory.planned_bytes(run.census, r, run.history, run.keeps_corrections) > plan.budget
+        assert all(memory.planned_bytes(run.census, r, run.phases) > plan.budget
                    for r in finer if plan.budget is not None)
         assert plan.budget is None or plan.bytes <= plan.budget or plan.rung.model_level
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 4 * sizes[-2] > 0

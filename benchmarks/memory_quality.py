@@ -1,0 +1,217 @@
+"""How much quality each memory budget keeps, at matched FLOPs, side by side in one run.
+
+    python -m benchmarks.memory_quality                       # reference DiT, 50 and 20 steps
+    python -m benchmarks.memory_quality --comfyui ~/comfy/ComfyUI --families flux,wan,pixart
+    python -m benchmarks.memory_quality --samples 30 --steps 20 --out /tmp/memory_quality.md
+
+Budgets are counted in residuals R: one image-token x hidden tensor per CFG stream, what the
+step-skipping caches keep. Every budget row runs the same ProCache schedule (with selective steps)
+and so does about the same block work; the budget only changes the granularity the plan picks
+(branch level, deep blocks at branch level with residual spans elsewhere, residual spans, or the
+model-level residual), printed beside each row with its planned cache bytes.
+
+Reference DiT (trained on digits, 16 tokens, DDIM, CFG 1.5): PSNR against the full-compute image of
+the same seed, FD against the real digits, and the share of branch level's PSNR gain over the
+model-level residual that each budget keeps, beside fewer steps and the EasyCache- and
+TeaCache-style rules calibrated to the same FLOPs (benchmarks/baselines.py).
+
+Tiny ComfyUI models (random weights, euler, CFG 2): error of the final latent against full compute,
+beside fewer steps and ComfyUI's own LazyCache with its threshold set by bisection to the ProCache
+row's block work. Random weights say how far a method moves the result, not image quality.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "tests")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import torch  # noqa: E402
+
+from procache_core import SchedulePolicy  # noqa: E402
+from procache_core.memory import Budget, format_bytes  # noqa: E402
+from procache_core.reference.sampling import sample  # noqa: E402
+
+BUDGETS = ("unlimited", "16", "8", "4", "2", "1", "minimal")
+
+
+def budget_of(name: str) -> Budget:
+    return Budget.parse(name if not name.isdigit() else f"{name} residuals")
+
+
+def budget_label(name: str) -> str:
+    return {"unlimited": "R = unlimited", "minimal": "model-level residual"}.get(name, f"R = {name}")
+
+
+# ---- reference DiT --------------------------------------------------------------------------------
+def reference_rows(samples: int, steps: int, log=print) -> list[dict]:
+    from .reference_bench import CFG_SCALE, PROCACHE_DEEP_FRACTION, PROCACHE_SELECTOR, SCHEDULES, Bench, load_schedule
+    bench = Bench(samples)
+    schedule = load_schedule(SCHEDULES.get(steps, SCHEDULES[50]))
+    schedule = schedule.resampled(steps) if schedule.steps != steps else schedule
+    rows = []
+    full, _, _, _ = bench.plain(steps)
+
+    def add(method, setting, images, flops, plan=None):
+        row = {"method": method, "setting": setting, "flops": flops, "plan": plan}
+        row.update(bench.judge.evaluate(images, bench.labels, reference=full))
+        rows.append(row)
+        log(f"  {steps:>3} steps  {method:<30} {setting:<34} flops {flops:5.2f}x  psnr {row['psnr']:6.2f}  "
+            f"fd {row['fd']:7.3f}  {plan['text'] if plan else ''}")
+
+    add("full compute", f"DDIM {steps}", full, 1.0)
+    for name in BUDGETS:
+        policy = SchedulePolicy(schedule, deep_fraction=PROCACHE_DEEP_FRACTION)
+        images, run = sample(bench.model, bench.labels, steps, CFG_SCALE, 0, policy=policy, selector=PROCACHE_SELECTOR,
+                             return_run=True, budget=budget_of(name))
+        add("ProCache + selective", budget_label(name), images, run.stats.flops_speedup, run.stats.plan)
+    target = rows[1]["flops"]
+    fewer = max(1, round(steps / target))
+    images, _, _, _ = bench.plain(fewer)
+    add("fewer steps (equal FLOPs)", f"DDIM {fewer}", images, steps / fewer)
+    for rule, label in (("easycache", "EasyCache-style"), ("teacache", "TeaCache-style")):
+        threshold = bench.calibrate(steps, rule, target)
+        images, flops, _, _ = bench.dynamic(steps, rule, threshold)
+        add(label, f"threshold {threshold:.4g}", images, flops)
+    return rows
+
+
+def gain_kept(rows: list[dict], label: str) -> float | None:
+    by = {r["setting"]: r for r in rows if r["method"].startswith("ProCache")}
+    top, bottom = by.get(budget_label("unlimited")), by.get(budget_label("minimal"))
+    row = by.get(label)
+    if not (top and bottom and row) or top["psnr"] - bottom["psnr"] <= 0:
+        return None
+    return (row["psnr"] - bottom["psnr"]) / (top["psnr"] - bottom["psnr"])
+
+
+def reference_table(rows: list[dict], steps: int) -> list[str]:
+    lines = [f"**Reference DiT, {steps} steps**", "",
+             "| method | setting | FLOPs speedup | PSNR vs full ↑ | FD ↓ | branch-level gain kept | cache plan |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kept = gain_kept(rows, r["setting"]) if r["method"].startswith("ProCache") else None
+        plan = r["plan"]
+        lines.append(f"| {r['method']} | {r['setting']} | {r['flops']:.2f}× | "
+                     f"{'—' if r['method'] == 'full compute' else format(r['psnr'], '.2f')} | {r['fd']:.3f} | "
+                     f"{'—' if kept is None else format(kept, '.0%')} | "
+                     f"{'—' if not plan else plan['granularity'] + ', ' + format_bytes(plan['bytes'])} |")
+    return lines + [""]
+
+
+# ---- tiny ComfyUI models --------------------------------------------------------------------------
+HW = {"pixart": 48, "flux": 32, "wan": 12}
+SCHEDULE = "procache-dit-50-17full"
+
+
+def comfy_rows(family: str, steps: int, log=print) -> list[dict]:
+    import comfy_env
+    import comfy_extras.nodes_easycache as easycache
+    from procache_comfyui.nodes import library
+    from procache_comfyui.nodes.runtime import LAST_RUNS, ApplyConfig, attach
+    from .comfy_bench import BlockCounter, latent_error
+
+    schedule = library.load(SCHEDULE)
+    schedule = schedule.resampled(steps) if schedule.steps != steps else schedule
+    base = comfy_env.make_patcher(family, size="bench" if family == "flux" else "tiny")
+    rows, full = [], {}
+
+    def run(patcher, n_steps=steps):
+        counter = BlockCounter(base)
+        try:
+            out = comfy_env.sample(patcher, family, steps=n_steps, hw=HW[family])
+        finally:
+            counter.remove()
+        return out, counter.calls
+
+    def add(method, setting, out, compute, plan=None):
+        rel, psnr = latent_error(out, full["out"]) if full else (0.0, math.inf)
+        rows.append({"method": method, "setting": setting, "compute": compute, "rel": rel, "psnr": psnr, "plan": plan})
+        log(f"  {family:6} {steps:2} steps  {method:<30} {setting:<22} {compute:5.2f}x  rel L2 {rel:.4f}  "
+            f"psnr {psnr:6.2f}  {plan['text'] if plan else ''}")
+
+    out, calls = run(base)
+    full.update(out=out, calls=calls)
+    add("full compute", f"{steps} steps", out, 1.0)
+    for name in BUDGETS:
+        out, _ = run(attach(base, ApplyConfig(schedule=schedule, budget=budget_of(name))))
+        latest = LAST_RUNS.latest()
+        add("ProCache + selective", budget_label(name), out, latest["flops_speedup"], latest["plan"])
+    target = rows[1]["compute"]
+    fewer = max(1, round(steps / target))
+    out, calls = run(base, fewer)
+    add("fewer steps (equal FLOPs)", f"{fewer} steps", out, full["calls"] / max(calls, 1))
+
+    def lazy(threshold):
+        patched = easycache.LazyCacheNode.execute(base, threshold, 0.15, 0.95, False).result[0]
+        out, calls = run(patched)
+        return out, full["calls"] / max(calls, 1)
+    lo, hi, best = math.log(1e-3), math.log(3.0), None
+    for _ in range(8):          # LazyCache's threshold whose block work matches the ProCache row's
+        mid = (lo + hi) / 2
+        out, compute = lazy(math.exp(mid))
+        if best is None or abs(compute - target) < abs(best[2] - target):
+            best = (math.exp(mid), out, compute)
+        lo, hi = (mid, hi) if compute < target else (lo, mid)
+    add("LazyCache (ComfyUI)", f"threshold {best[0]:.3g}", best[1], best[2])
+    return rows
+
+
+def comfy_table(family: str, steps: int, rows: list[dict]) -> list[str]:
+    lines = [f"**{family} (tiny, random weights), {steps} steps**", "",
+             "| method | setting | compute speedup | rel. L2 vs full ↓ | PSNR vs full ↑ | branch-level gain kept | cache plan |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kept = gain_kept(rows, r["setting"]) if r["method"].startswith("ProCache") else None
+        plan = r["plan"]
+        first = r["method"] == "full compute"
+        lines.append(f"| {r['method']} | {r['setting']} | {r['compute']:.2f}× | {'—' if first else format(r['rel'], '.4f')} | "
+                     f"{'—' if first else format(r['psnr'], '.2f')} | {'—' if kept is None else format(kept, '.0%')} | "
+                     f"{'—' if not plan else plan['granularity'] + ', ' + format_bytes(plan['bytes'])} |")
+    return lines + [""]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=100, help="reference DiT images per row")
+    parser.add_argument("--steps", default="50,20")
+    parser.add_argument("--comfyui", default=None, help="a ComfyUI checkout: also bench its tiny models")
+    parser.add_argument("--families", default="flux,wan,pixart")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference DiT")
+    parser.add_argument("--out", default=None, help="also write the markdown tables here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    lines = []
+    steps_list = [int(s) for s in args.steps.split(",")]
+    if not args.no_reference:
+        for steps in steps_list:
+            lines += reference_table(reference_rows(args.samples, steps), steps)
+    if args.comfyui:
+        os.environ["COMFYUI_PATH"] = os.path.abspath(os.path.expanduser(args.comfyui))
+        import comfy_env
+        comfy_env.load_comfy()
+        comfy_env.load_pack()
+        for steps in steps_list:
+            for family in args.families.split(","):
+                lines += comfy_table(family, steps, comfy_rows(family, steps))
+    command = "python -m benchmarks.memory_quality " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    header = [f"Quality per memory budget at matched FLOPs; `{command.strip()}` "
+              f"({(time.perf_counter() - started) / 60:.1f} min, one thread).", ""]
+    text = "\n".join(header + lines)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
