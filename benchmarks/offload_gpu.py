@@ -221,7 +221,8 @@ def measure(shape: Shape, blocks_n: int, repeats: int, device: torch.device, dty
 def _pinned_bytes(device) -> int:
     """Pinned host memory PyTorch's host allocator holds: blocks are rounded up to a power of two,
     so this can exceed the stores' own count."""
-    return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) if device.type == "cuda" else 0
+    stats = getattr(torch.cuda, "host_memory_stats", None)      # PyTorch 2.6 and later
+    return stats().get("allocated_bytes.current", 0) if device.type == "cuda" and stats is not None else 0
 
 
 def check(result: dict) -> list[str]:

@@ -96,7 +96,9 @@ class CacheStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held on the store's side: tensors, or 8-bit codes plus scales; shared storage once."""
+        """Bytes held on the store's side: tensors, or 8-bit codes plus scales; shared storage once.
+        Pinned host copies take more system RAM than this: PyTorch's host allocator rounds each
+        block up to a power of two (see torch.cuda.host_memory_stats)."""
         seen, total = set(), 0
         for entry in self._parts.values():
             for tensor in entry.tensors():
@@ -174,7 +176,9 @@ class CacheStore:
             # Freed pinned blocks stay in PyTorch's host cache until emptied: give them back to
             # the system, whose RAM they would otherwise keep after the run.
             self._pinned = False
-            empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+            # Newer PyTorch has the public torch.accelerator call; older releases only the private one.
+            empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or \
+                getattr(torch._C, "_host_emptyCache", None)
             if empty is not None:
                 empty()
 

@@ -221,3 +221,18 @@ def test_prefetched_values_are_handed_out_once_and_never_stale(quantize):
     store.clear()
     assert store.prefetched_nbytes == 0 and store.get(("c", "u"), "k", device="cpu") is None
     assert store.copies == 6
+
+
+def test_clear_gives_pinned_blocks_back_once(monkeypatch):
+    """A store that pinned host memory empties PyTorch's host cache on clear (the blocks would keep
+    system RAM after the run); a store that pinned nothing leaves it alone."""
+    calls = []
+    monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: calls.append(1))
+    store = CacheStore("cpu")
+    store.put(("c",), "k", torch.ones(1, 2, 3))
+    store.clear()
+    assert calls == []
+    store._pinned = True            # what a put of a CUDA value into pinned memory sets
+    store.clear()
+    store.clear()
+    assert calls == [1]
