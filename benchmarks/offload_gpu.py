@@ -108,7 +108,7 @@ class Block(nn.Module):
             state[stream] = state[stream] + self.gates[name] * value
         if self.shape.kind == "flux-double":
             img, txt = state["img"], state["txt"]
-            qkv = torch.cat([self.img_qkv(img), self.txt_qkv(txt)], dim=1).chunk(3, dim=-1)
+            qkv = torch.cat([self.txt_qkv(txt), self.img_qkv(img)], dim=1).chunk(3, dim=-1)   # text first, as FLUX
             joint = _attention(*qkv, heads)
             add("img_attn", "img", self.img_proj(joint[:, txt.shape[1]:]))
             add("txt_attn", "txt", self.txt_proj(joint[:, :txt.shape[1]]))
@@ -261,6 +261,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny sizes on the CPU, where prefetch does nothing: checks the script, measures nothing")
+    parser.add_argument("--out", help="also write the table to this file (e.g. benchmarks/results/offload_gpu.md)")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in SHAPES]
     if unknown:
@@ -278,7 +279,11 @@ def main(argv=None) -> list[dict]:
     for name in args.models.split(","):
         results.append(measure(shapes[name], args.blocks, args.repeats, device))
         print(f"{name}: {results[-1]['ms']}", flush=True)
-    print(report(results, device_name))
+    table = report(results, device_name)
+    print(table)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
     problems = [p for r in results for p in check(r)]
     if problems:
         raise SystemExit("\n".join(problems))
