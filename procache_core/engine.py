@@ -178,14 +178,14 @@ class Run:
             for handle in handles:
                 handle.remove()
             census.__dict__.pop("inputs", None)
-        for key, value in scout.cache.items():
+        for key, size in scout.cache.items():
             if key[0] == "model" or not isinstance(key[0], int):
                 continue
             index, name, *rest = key
             if not rest or rest[0] == "history":
-                census.values.setdefault(index, {})[name] = tensor_bytes(value)
+                census.values.setdefault(index, {})[name] = size
             else:       # selection references, staleness, attention scores, kept inputs
-                census.extras[index] = census.extras.get(index, 0) + tensor_bytes(value)
+                census.extras[index] = census.extras.get(index, 0) + size
         return census
 
     def make_plan(self, census: Census, budget: Budget, free_bytes: int | None, device: str,

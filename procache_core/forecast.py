@@ -252,7 +252,9 @@ class ForecastFitter:
         for stream, part in zip(streams, parts):
             hist = self._values.setdefault((stream, key), [])
             if not target_step:
-                hist[:] = [h for h in hist if h[0] != step] + [(step, part.detach().to(torch.float32))]
+                # Kept in its own dtype (as the cache holds it): the normal equations below work in
+                # float64 anyway, and a float32 copy would double a half-precision history.
+                hist[:] = [h for h in hist if h[0] != step] + [(step, part.detach())]
                 del hist[:-self.history]
                 continue
             if not hist or any(h.shape != part.shape for _, h in hist):
