@@ -139,9 +139,7 @@ def extract(model, positive, negative, latent_image, settings: dict, kinds=None)
 
 
 def _save(name: str, prior: Prior) -> str:
-    path = library.user_path(prior_dir(), name, ".safetensors", "prior", EOCError)
-    prior.save(path)
-    return path
+    return library.save_user_file(prior_dir(), name, ".safetensors", prior.to_bytes(), "prior", EOCError)
 
 
 def load_saved(name: str) -> Prior:
