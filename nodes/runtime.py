@@ -231,6 +231,8 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
               model_name=type(model_patcher.model.diffusion_model).__name__,
               forecaster=config.forecaster, recorder=config.recorder, eoc=config.eoc)
     run.stats.notes.extend(notes + [sentence])
+    if run.eoc is not None:
+        run.eoc.notes = run.stats.notes     # a prior that does not fit this run says so in the run's report
     for note in notes:
         log.info("ProCache: %s", note)
     return run
