@@ -226,7 +226,10 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
     schedule, notes = schedule_for_run(config.schedule, sigma_list, model_patcher.get_model_object("model_sampling"))
     schedule = schedule.windowed(config.start_percent, config.end_percent, config.force_last_full)
     family, sentence = find_family(model_patcher.model.diffusion_model)
-    run = Run(SchedulePolicy(schedule, config.deep_fraction), StepClock(sigma_list), family,
+    policy = SchedulePolicy(schedule, config.deep_fraction)
+    if family is not None:      # before the first step: a router for another model fails here, not midway
+        policy.check_units(len(family.blocks(model_patcher.model.diffusion_model)))
+    run = Run(policy, StepClock(sigma_list), family,
               selector=config.selector, cache_device="cpu" if config.cache_on_cpu else None,
               model_name=type(model_patcher.model.diffusion_model).__name__,
               forecaster=config.forecaster, recorder=config.recorder, eoc=config.eoc)

@@ -190,8 +190,8 @@ class Prior:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise EOCError(f"{where} is not valid JSON ({e}); connect EOC Prior Extractor or clear the text") from None
-        except RecursionError:
-            raise EOCError(f"{where} is not an EOC prior (JSON nested too deeply)") from None
+        except (ValueError, RecursionError) as e:       # numbers of over 4300 digits, nesting past the stack
+            raise EOCError(f"{where} is not an EOC prior ({str(e)[:100]}); connect EOC Prior Extractor") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise EOCError(f"{where} is not an EOC prior (format should be {FORMAT!r})")
         if doc.get("version") != VERSION:

@@ -232,6 +232,8 @@ class Schedule:
             raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
         except RecursionError:
             raise ScheduleError(f"{where}: not a schedule (JSON nested too deeply)") from None
+        except ValueError as e:         # e.g. a number of over 4300 digits (Python's conversion limit)
+            raise ScheduleError(f"{where}: not a schedule ({str(e)[:100]}); schedules hold small numbers only") from None
         return cls.from_dict(doc, where)
 
 
