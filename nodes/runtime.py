@@ -317,6 +317,7 @@ def stop_caching_out_of_memory(run: Run, step: int) -> None:
                "this run in full. Turn on 'cache_on_cpu' in ProCache Apply to keep the cache in system RAM, "
                "or cache fewer steps.")
     run.stats.notes.append(message)
+    run.stats.computed_in_full_from(step, run.clock)
     run.close()
     log.warning("ProCache: %s", message)
     import comfy.model_management
