@@ -16,7 +16,7 @@ import torch
 from comfy_api.latest import io
 
 from ..procache_core import Schedule
-from ..procache_core.eoc import Correction, EOCError, Prior, PriorRecorder
+from ..procache_core.eoc import Correction, EOCError, Prior, PriorRecorder, check_file
 from . import library
 from .runtime import record_full_compute, sampling_inputs
 from .schedule_loader import SCHEDULE
@@ -139,9 +139,7 @@ def extract(model, positive, negative, latent_image, settings: dict, kinds=None)
 
 
 def _save(name: str, prior: Prior) -> str:
-    path = library.user_path(prior_dir(), name, ".safetensors", "prior", EOCError)
-    prior.save(path)
-    return path
+    return library.save_user_file(prior_dir(), name, ".safetensors", prior.to_bytes(), "prior", EOCError)
 
 
 def load_saved(name: str) -> Prior:
@@ -182,8 +180,15 @@ class EOCCorrection(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, saved_prior=NO_FILE) -> bool | str:
-        if saved_prior != NO_FILE and saved_prior not in saved_priors():
+        if saved_prior == NO_FILE:
+            return True
+        path = saved_priors().get(saved_prior)
+        if path is None:
             return f"no saved EOC prior named {saved_prior!r}"
+        try:
+            check_file(path)            # size and header only: the tensors are read when the node runs
+        except EOCError as e:
+            return str(e)
         return True
 
     @classmethod

@@ -161,7 +161,4 @@ def calibrate(model, positive, negative, latent_image, schedule: Schedule, setti
 
 
 def _save(name: str, text: str) -> str:
-    path = library.user_path(forecaster_dir(), name, ".json", "forecaster", ForecastError)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    return path
+    return library.save_user_file(forecaster_dir(), name, ".json", text + "\n", "forecaster", ForecastError)

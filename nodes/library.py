@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 
 from ..procache_core import Schedule, ScheduleError
 
@@ -129,13 +130,50 @@ def stored_result(text: str, parse, settings: object, what: str, again: str):
 def save_user(schedule: Schedule, name: str, extra: dict | None = None) -> str:
     """Write a schedule into the user's folder; the name is a plain file name, nothing else.
     `extra` adds top-level keys (e.g. the search metadata) that readers of the format ignore."""
-    path = user_path(user_dir(), name, ".json", "schedule")
     doc = schedule.to_dict()
     for key, value in (extra or {}).items():
         doc.setdefault(key, value)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(doc, indent=1) + "\n")
+    return save_user_file(user_dir(), name, ".json", json.dumps(doc, indent=1) + "\n", "schedule")
+
+
+def save_user_file(folder: str | None, name: str, suffix: str, data: bytes | str, what: str,
+                   error: type[Exception] = ScheduleError) -> str:
+    """Write `data` as `<folder>/<name><suffix>` for a name the user typed; returns the path.
+    Every file the pack saves for the user goes through here or `write_inside`."""
+    path = user_path(folder, name, suffix, what, error)
+    write_inside(folder, path, data, what, error)
     return path
+
+
+def write_inside(folder: str, path: str, data: bytes | str, what: str, error: type[Exception] = ScheduleError) -> None:
+    """Write `data` to `path`, a file directly in `folder`, never through a symbolic link.
+
+    A link named like the file (dangling or not), or a link in place of the folder or its parent,
+    could send the bytes anywhere on the disk: such a save is refused. The bytes go to a fresh
+    hidden file in the folder first, which then replaces `path` by rename; a rename replaces a link
+    that appeared meanwhile instead of following it, so nothing outside the folder is written.
+    """
+    for candidate in (os.path.dirname(folder), folder, path):
+        if os.path.islink(candidate):
+            raise error(f"cannot save the {what} as {path}: {candidate} is a symbolic link, and the pack writes "
+                        f"only inside its own folder; delete the link, or choose another name")
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
+        raise error(f"cannot save the {what} as {path}: it resolves outside {folder}; choose another name")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".saving-", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise error(f"cannot save the {what} in {folder}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(payload)
+        os.chmod(temporary, 0o644)          # mkstemp makes 0600; saved files read like any other
+        os.replace(temporary, path)
+    except OSError as e:
+        raise error(f"cannot save the {what} as {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.lexists(temporary):
+            os.remove(temporary)
 
 
 def origin(name: str, schedule: Schedule) -> str:

@@ -25,7 +25,7 @@ import torch
 from comfy_api.latest import io
 
 from ..procache_core import ScheduleError, find_family
-from ..procache_core.router import Router
+from ..procache_core.router import MAX_ROUTER_BYTES, Router
 from ..procache_core.router_training import LAMBDA_MODES, RouterTrainer, SigmaProblem, TrainingConfig, TrainingState
 from . import library
 from .runtime import plain_clone
@@ -37,6 +37,7 @@ TRAINING_SAMPLERS = {"euler": "euler", "ddim": "euler", "dpmpp_2m": "dpmpp_2m"} 
 FROM_TEXT = "router text (below)"
 TRAINABLE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 FILE_PREFIX = "file: "
+MAX_STATE_BYTES = 4 * MAX_ROUTER_BYTES      # logits plus the optimiser's two moments and the step weights
 
 
 def router_dir() -> str | None:
@@ -200,10 +201,14 @@ class HarmoniCaRouterTrainer(io.ComfyNode):
                                     max_reuse=max_reuse, refresh_credit=bool(refresh_credit))
             trained, note = train(model, positive, negative, latent_image, settings, config, resume)
         if save_name:
-            trained.save(library.user_path(router_dir(), save_name, ".safetensors", "router"))
+            _save(save_name, trained)
         text = trained.to_text()
         summary = f"{note}\n{report(trained)}"
         return io.NodeOutput(trained.to_schedule(), text, summary, ui={"text": [summary], "router": [text]})
+
+
+def _save(name: str, router: Router) -> str:
+    return library.save_user_file(router_dir(), name, ".safetensors", router.to_bytes(), "router")
 
 
 def _reusable(text: str, settings: dict) -> Router | None:
@@ -316,10 +321,13 @@ def train(model, positive, negative, latent_image, settings: dict, config: Train
                                              settings["steps"]).cpu()
     partial = _partial_path(settings, model)
     state, note = None, "trained"
-    if resume and partial and os.path.isfile(partial):
+    if resume and partial and library.inside(os.path.dirname(partial), partial):
         try:
             with open(partial, "rb") as f:
-                state, _ = TrainingState.from_bytes(f.read())
+                data = f.read(MAX_STATE_BYTES + 1)
+            if len(data) > MAX_STATE_BYTES:
+                raise ScheduleError(f"{partial} is larger than {MAX_STATE_BYTES >> 20} MiB")
+            state, _ = TrainingState.from_bytes(data)
             note = f"resumed at iteration {state.iteration}"
         except Exception as e:      # a damaged partial file only costs the progress it held
             log.warning("ProCache: could not resume router training (%s); starting over", e)
@@ -362,11 +370,13 @@ def train(model, positive, negative, latent_image, settings: dict, config: Train
     except BaseException:
         trainer = holder.get("trainer")
         if partial and trainer is not None and trainer.checkpoint.iteration > 0:
-            os.makedirs(os.path.dirname(partial), exist_ok=True)
-            with open(partial, "wb") as f:
-                f.write(trainer.state_bytes())
-            log.info("ProCache: router training stopped at iteration %d; run again with resume on to continue",
-                     trainer.checkpoint.iteration)
+            try:
+                os.makedirs(os.path.dirname(partial), exist_ok=True)
+                library.write_inside(os.path.dirname(partial), partial, trainer.state_bytes(), "router training state")
+                log.info("ProCache: router training stopped at iteration %d; run again with resume on to continue",
+                         trainer.checkpoint.iteration)
+            except (OSError, ScheduleError) as e:     # the stop's own cause is what the user must see
+                log.warning("ProCache: router training progress not kept (%s)", e)
         raise
     if partial and os.path.isfile(partial):
         os.remove(partial)

@@ -242,11 +242,16 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
     schedule, notes = schedule_for_run(config.schedule, sigma_list, model_patcher.get_model_object("model_sampling"))
     schedule = schedule.windowed(config.start_percent, config.end_percent, config.force_last_full)
     family, sentence = find_family(model_patcher.model.diffusion_model)
-    run = Run(SchedulePolicy(schedule, config.deep_fraction), StepClock(sigma_list), family,
+    policy = SchedulePolicy(schedule, config.deep_fraction)
+    if family is not None:      # before the first step: a router for another model fails here, not midway
+        policy.check_units(len(family.blocks(model_patcher.model.diffusion_model)))
+    run = Run(policy, StepClock(sigma_list), family,
               selector=config.selector, cache_device="cpu" if config.cache_on_cpu else None,
               model_name=type(model_patcher.model.diffusion_model).__name__,
               forecaster=config.forecaster, recorder=config.recorder, eoc=config.eoc)
     run.stats.notes.extend(notes + [sentence])
+    if run.eoc is not None:
+        run.eoc.notes = run.stats.notes     # a prior that does not fit this run says so in the run's report
     for note in notes:
         log.info("ProCache: %s", note)
     run.budget = config.budget
@@ -392,6 +397,7 @@ def stop_caching_out_of_memory(run: Run, step: int) -> None:
                "this run in full. Turn on 'cache_on_cpu' in ProCache Apply to keep the cache in system RAM, "
                "or cache fewer steps.")
     run.stats.notes.append(message)
+    run.stats.computed_in_full_from(step, run.clock)
     run.close()
     log.warning("ProCache: %s", message)
     comfy.model_management.soft_empty_cache()

@@ -31,6 +31,11 @@ class StepClock:
         self._corrector_pending = False
         self._corrector_seen: set = set()     # CFG streams run apart each make their own corrector call
 
+    @property
+    def last_finished_step(self) -> int:
+        """The last step the sampler reported as done (-1 before the first)."""
+        return self._finished
+
     def step_finished(self, step: int) -> None:
         """Called from the sampler callback with the index of the step that just ended."""
         if int(step) > self._finished:

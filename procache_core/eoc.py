@@ -28,20 +28,27 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
+import os
 from typing import Callable, Hashable, Iterable, Sequence
 
 import torch
 
 from .schedule import StepKind
-from .safetensors_header import metadata as header_metadata
 from .safetensors_header import sorted_header
 
 FORMAT = "procache.eoc_prior"
 VERSION = 1
 POOLINGS = ("token", "channel")
 MAX_JSON_BYTES = 64 << 20
+# Channel priors take a few MiB; token priors grow with tokens x channels x steps x branches and
+# beyond this are impractical to hold in memory anyway (pool by channel instead).
+MAX_PRIOR_BYTES = 1 << 30
+MAX_HEADER_BYTES = 100 << 20        # safetensors' own limit for the JSON header
 _SEP = "|"
+
+log = logging.getLogger("procache")
 
 
 class EOCError(ValueError):
@@ -94,6 +101,7 @@ class Prior:
             raise EOCError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
         self.means = {k: v.detach().to("cpu", torch.float32) for k, v in means.items()}
+        self.units = frozenset(u for _, _, u in self.means)
         self.counts = dict(counts or {})
         self.stats = {k: tuple(float(x) for x in v) for k, v in (stats or {}).items()}
         self.metadata = dict(metadata or {})
@@ -134,26 +142,28 @@ class Prior:
         return sorted_header(save(tensors, metadata=header))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Prior":
+    def from_bytes(cls, data: bytes, where: str = "EOC prior") -> "Prior":
         from safetensors.torch import load
+        if len(data) > MAX_PRIOR_BYTES:
+            raise EOCError(f"{where}: larger than {MAX_PRIOR_BYTES >> 20} MiB; {_SMALLER}")
+        header = _checked_header(_header_bytes(data[:8], lambda n: data[8:8 + n], where), where)
         try:
             tensors = load(data)
-            header = header_metadata(data)
         except Exception as e:      # noqa: BLE001  (safetensors raises several types)
-            raise EOCError(f"not a readable safetensors prior: {e}") from None
-        if header.get("format") != FORMAT:
-            raise EOCError(f"not an EOC prior (format should be {FORMAT!r}, got {header.get('format')!r})")
-        if header.get("version") != str(VERSION):
-            raise EOCError(f"EOC prior version {header.get('version')!r} is not supported (this pack reads {VERSION})")
+            raise EOCError(f"{where}: not a readable safetensors prior ({e}); {_AGAIN}") from None
         means, stats = {}, {}
         for name, value in tensors.items():
-            kind, *key = _parse(name)
+            kind, *key = _parse(name, where)
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise EOCError(f"{where}: tensor {name!r} is not all finite numbers; {_AGAIN}")
             if kind == "mean":
                 means[tuple(key)] = value
             elif kind == "stats" and value.numel() == 3:
                 stats[tuple(key)] = tuple(value.tolist())
-        counts = {tuple(_parse(n)[1:]): int(c) for n, c in json.loads(header.get("counts", "{}")).items()}
-        return cls(header.get("pooling", ""), means, counts, stats, json.loads(header.get("metadata", "{}")))
+        try:
+            return cls(header.get("pooling", ""), means, header["counts"], stats, header["metadata"])
+        except EOCError as e:
+            raise EOCError(f"{where}: {e}") from None
 
     def save(self, path: str) -> None:
         with open(path, "wb") as f:
@@ -161,8 +171,11 @@ class Prior:
 
     @classmethod
     def load(cls, path: str) -> "Prior":
+        """A prior file, its size and header checked before its tensors are read."""
+        where = check_file(path)
         with open(path, "rb") as f:
-            return cls.from_bytes(f.read())
+            data = f.read(MAX_PRIOR_BYTES + 1)          # never more than the limit, whatever the file grew to
+        return cls.from_bytes(data, where)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "version": VERSION, "pooling": self.pooling,
@@ -170,22 +183,25 @@ class Prior:
                            "safetensors": base64.b64encode(self.to_bytes()).decode("ascii")})
 
     @classmethod
-    def from_json(cls, text: str) -> "Prior":
+    def from_json(cls, text: str, where: str = "EOC prior text") -> "Prior":
         if len(text) > MAX_JSON_BYTES:
-            raise EOCError(f"EOC prior text is larger than {MAX_JSON_BYTES >> 20} MiB")
+            raise EOCError(f"{where} is larger than {MAX_JSON_BYTES >> 20} MiB; {_SMALLER}")
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
-            raise EOCError(f"EOC prior is not valid JSON: {e}") from None
+            raise EOCError(f"{where} is not valid JSON ({e}); connect EOC Prior Extractor or clear the text") from None
+        except (ValueError, RecursionError) as e:       # numbers of over 4300 digits, nesting past the stack
+            raise EOCError(f"{where} is not an EOC prior ({str(e)[:100]}); connect EOC Prior Extractor") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise EOCError(f"not an EOC prior (format should be {FORMAT!r})")
+            raise EOCError(f"{where} is not an EOC prior (format should be {FORMAT!r})")
         if doc.get("version") != VERSION:
-            raise EOCError(f"EOC prior version {doc.get('version')!r} is not supported (this pack reads {VERSION})")
+            raise EOCError(f"{where}: EOC prior version {str(doc.get('version'))[:40]!r} is not supported "
+                           f"(this pack reads {VERSION}); {_AGAIN}")
         try:
             data = base64.b64decode(doc["safetensors"], validate=True)
         except (KeyError, TypeError, ValueError) as e:
-            raise EOCError(f"EOC prior text has no readable 'safetensors' field: {e}") from None
-        return cls.from_bytes(data)
+            raise EOCError(f"{where} has no readable 'safetensors' field ({e}); {_AGAIN}") from None
+        return cls.from_bytes(data, where)
 
 
 def _name(kind: str, stream: int, step: int, unit: UnitKey, gap: int | None = None) -> str:
@@ -194,13 +210,83 @@ def _name(kind: str, stream: int, step: int, unit: UnitKey, gap: int | None = No
     return _SEP.join(parts)
 
 
-def _parse(name: str) -> list:
+def _parse(name: str, where: str = "EOC prior") -> list:
     parts = name.split(_SEP)
-    if len(parts) not in (5, 6):
-        raise EOCError(f"unexpected tensor name {name!r} in an EOC prior")
+    numbers = [parts[i] for i in (1, 2, 3, 5) if i < len(parts)]
+    if len(parts) not in (5, 6) or not all(n.isascii() and n.isdigit() and len(n) <= 9 for n in numbers):
+        raise EOCError(f"{where}: unexpected tensor name {name[:80]!r} (kind|stream|step|block|branch[|gap]); {_AGAIN}")
     kind, stream, step, block, branch = parts[:5]
     out = [kind, int(stream), int(step), (int(block), branch)]
     return out + [int(parts[5])] if len(parts) == 6 else out
+
+
+_AGAIN = "extract the prior again with EOC Prior Extractor"
+_SMALLER = "extract a smaller one (pooling 'channel', or fewer steps)"
+
+
+def check_file(path: str) -> str:
+    """Check a prior file's size and header without reading its tensors (cheap enough for
+    validation); returns how messages name the file. EOCError saying what is wrong otherwise."""
+    where = f"EOC prior file {os.path.basename(path)!r}"
+    size = os.path.getsize(path)
+    if size > MAX_PRIOR_BYTES:
+        raise EOCError(f"{where} is {size >> 20} MiB, larger than the {MAX_PRIOR_BYTES >> 20} MiB a prior may have; "
+                       f"{_SMALLER}")
+    with open(path, "rb") as f:
+        _checked_header(_header_bytes(f.read(8), f.read, where), where)
+    return where
+
+
+def _header_bytes(length: bytes, read, where: str) -> bytes:
+    """The JSON header of safetensors bytes; `read(n)` gives the n bytes after the length."""
+    size = int.from_bytes(length, "little") if len(length) == 8 else -1
+    if not 0 < size <= MAX_HEADER_BYTES:
+        raise EOCError(f"{where}: not a readable safetensors file (no header); {_AGAIN}")
+    header = read(size)
+    if len(header) != size:
+        raise EOCError(f"{where}: the file is cut short; {_AGAIN}")
+    return header
+
+
+def _checked_header(raw: bytes, where: str) -> dict:
+    """The prior's metadata with 'counts' and 'metadata' decoded; EOCError naming the field otherwise."""
+    try:
+        header = json.loads(raw)
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("'__metadata__' is not an object")
+    except (ValueError, AttributeError, RecursionError) as e:
+        raise EOCError(f"{where}: the safetensors header is not valid JSON ({e}); {_AGAIN}") from None
+    if meta.get("format") != FORMAT:
+        raise EOCError(f"{where}: not an EOC prior (format should be {FORMAT!r}, got {str(meta.get('format'))[:40]!r})")
+    if meta.get("version") != str(VERSION):
+        raise EOCError(f"{where}: EOC prior version {str(meta.get('version'))[:40]!r} is not supported "
+                       f"(this pack reads {VERSION}); {_AGAIN}")
+    out = dict(meta)
+    try:
+        counts = json.loads(meta.get("counts", "{}"))
+        if not isinstance(counts, dict):
+            raise ValueError(f"a JSON {type(counts).__name__}")
+        out["counts"] = {tuple(_parse(n, where)[1:]): _count(c) for n, c in counts.items()}
+    except EOCError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise EOCError(f"{where}: its 'counts' metadata should be a JSON object of tensor name -> sample count, "
+                       f"not {str(e)[:120]}; {_AGAIN}") from None
+    try:
+        metadata = json.loads(meta.get("metadata", "{}"))
+        if not isinstance(metadata, dict):
+            raise ValueError(f"a JSON {type(metadata).__name__}")
+        out["metadata"] = metadata
+    except (ValueError, TypeError, RecursionError) as e:
+        raise EOCError(f"{where}: its 'metadata' should be a JSON object, not {str(e)[:120]}; {_AGAIN}") from None
+    return out
+
+
+def _count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a count of {str(value)[:40]}")
+    return value
 
 
 class PriorRecorder:
@@ -428,10 +514,16 @@ def judge_by_trial(run: Callable[[Correction | None], torch.Tensor], reference: 
 
 class CorrectionState:
     """Per-run side of the correction: stream ordinals, fill steps, counts. The engine calls
-    `filled` when a branch is computed in full and `correct` when it is reused."""
+    `filled` when a branch is computed in full and `correct` when it is reused.
 
-    def __init__(self, correction: Correction):
+    A prior that does not fit the run (another model, resolution or guidance) corrects nothing
+    there; each such reason is logged once and added to `notes` (the runtime passes the run's
+    statistics notes, so the report and the panel say it), never skipped silently."""
+
+    def __init__(self, correction: Correction, notes: list[str] | None = None):
         self.correction = correction
+        self.notes = notes if notes is not None else []
+        self._skipped: set = set()
         self.order = StreamOrder()
         self.fills: dict = {}                 # (stream id, unit key) -> step of the cached value
         self.corrected: dict[int, int] = {}   # step -> corrected stream chunks (tests, reports)
@@ -474,13 +566,38 @@ class CorrectionState:
         s = self.order(stream)
         memo = (s, fill, unit, chunk.dtype, chunk.device)
         if memo not in self._deltas:
-            delta = self.correction.delta(s, step, fill, unit)
+            delta = self.correction.delta(s, step, fill, unit) if self._fits(s, unit) else None
             if delta is not None:
-                delta = _broadcastable(delta, chunk, self.correction.prior.pooling)
+                shaped = _broadcastable(delta, chunk, self.correction.prior.pooling)
+                if shaped is None:
+                    self._skip("shape", f"the prior's values have shape {list(delta.shape)} but this run's are "
+                                        f"{list(chunk.shape[1:])} per sample (another resolution, token layout or "
+                                        "model width); extract the prior at this latent size and model")
+                delta = shaped
             if delta is not None:
                 delta = delta.to(device=chunk.device, dtype=chunk.dtype)
             self._deltas[memo] = delta
         return self._deltas[memo]
+
+    def _fits(self, s: int, unit) -> bool:
+        prior = self.correction.prior
+        if unit not in prior.units:
+            made_on = prior.metadata.get("settings", {}).get("model") if isinstance(prior.metadata.get("settings"), dict) else None
+            self._skip("model", f"the prior has no values for this model's branch {unit[1]!r} of block {unit[0]} "
+                                f"(it was extracted on {made_on or 'another model'}); extract a prior on this model")
+            return False
+        if s >= prior.streams:
+            self._skip("streams", f"this run has more CFG streams than the prior's {prior.streams} (extracted at "
+                                  "another cfg); extract the prior with the cfg you sample with")
+            return False
+        return True
+
+    def _skip(self, reason: str, why: str) -> None:
+        if reason not in self._skipped:
+            self._skipped.add(reason)
+            note = f"EOC correction skipped where it does not fit: {why}"
+            self.notes.append(note)
+            log.warning("ProCache: %s", note)
 
 
 def _broadcastable(delta: torch.Tensor, chunk: torch.Tensor, pooling: str) -> torch.Tensor | None:

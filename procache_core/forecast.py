@@ -29,6 +29,9 @@ FORMAT = "procache.forecaster"
 VERSION = 1
 MAX_HISTORY = 3
 MAX_JSON_BYTES = 1 << 20
+# Fitted weights are O(1) (Lagrange weights for the pack's schedules stay within about +-10); far
+# larger ones come from a broken fit or an edited file and overflow half-precision products.
+MAX_COEFFICIENT = 1e4
 
 
 class ForecastError(ValueError):
@@ -105,9 +108,11 @@ class Fitted(Forecaster):
             raise ForecastError(f"grouping must be 'role' or 'role+depth', got {grouping!r}")
         for step, groups in table.items():
             for group, coeffs in groups.items():
-                if not 1 <= len(coeffs) <= history or not all(_finite(c) for c in coeffs):
-                    raise ForecastError(f"step {step}, group {group!r}: coefficients must be 1..{history} finite"
-                                        f" numbers, got {coeffs}")
+                if not isinstance(coeffs, list) or not 1 <= len(coeffs) <= history \
+                        or not all(_finite(c) and abs(c) <= MAX_COEFFICIENT for c in coeffs):
+                    raise ForecastError(f"step {step}, group {str(group)[:40]!r}: coefficients must be a list of "
+                                        f"1..{history} numbers within +-{MAX_COEFFICIENT:g}, got {str(coeffs)[:80]}; "
+                                        "calibrate again with ProCache Forecaster Trainer")
         self.table = {int(s): {str(g): [float(c) for c in cs] for g, cs in gs.items()} for s, gs in table.items()}
         self.history = history
         self.grouping = grouping
@@ -131,7 +136,16 @@ class Fitted(Forecaster):
 
 
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+def _whole_number(data: dict, key: str, default: int, allowed: str) -> int:
+    """data[key] as an int; ForecastError naming the field and the values it takes otherwise."""
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ForecastError(f"forecaster field {key!r} must be a whole number ({allowed}), got {str(value)[:40]!r}; "
+                            "fix the text or calibrate again")
+    return value
 
 
 def group_name(role: str, block: int, num_blocks: int, grouping: str) -> str:
@@ -153,17 +167,20 @@ def from_dict(data: dict) -> Forecaster | None:
     if kind == "none":
         return None
     if kind == "taylor":
-        return Taylor(int(data.get("order", 1)))
+        return Taylor(_whole_number(data, "order", 1, "0, 1 or 2"))
     if kind == "fitted":
         raw = data.get("coefficients")
         if not isinstance(raw, dict):
             raise ForecastError("a fitted forecaster needs a 'coefficients' object: step -> group -> list")
-        try:
-            table = {int(s): dict(gs) for s, gs in raw.items()}
-        except (TypeError, ValueError) as e:
-            raise ForecastError(f"bad coefficients table: {e}") from None
-        return Fitted(table, int(data.get("history", 2)), data.get("grouping", "role"),
-                      int(data.get("fallback_order", 0)), data.get("metadata"))
+        bad = [s for s, gs in raw.items() if not (s.isascii() and s.isdigit() and len(s) <= 6) or not isinstance(gs, dict)]
+        if bad:
+            raise ForecastError(f"forecaster 'coefficients': {str(bad[0])[:40]!r} should be a step number holding an "
+                                "object of group -> list of numbers; calibrate again with ProCache Forecaster Trainer")
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ForecastError(f"forecaster field 'metadata' must be a JSON object, got a {type(metadata).__name__}")
+        return Fitted({int(s): gs for s, gs in raw.items()}, _whole_number(data, "history", 2, f"1..{MAX_HISTORY}"),
+                      data.get("grouping", "role"), _whole_number(data, "fallback_order", 0, "0, 1 or 2"), metadata)
     raise ForecastError(f"unknown forecaster kind {kind!r} (none, taylor, fitted)")
 
 
@@ -174,6 +191,8 @@ def from_json(text: str) -> Forecaster | None:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ForecastError(f"forecaster is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:      # numbers of over 4300 digits, nesting past the stack
+        raise ForecastError(f"forecaster text is not a forecaster ({str(e)[:100]}): paste the Trainer's JSON") from None
     return from_dict(data)
 
 

@@ -65,8 +65,14 @@ class SchedulePolicy:
         return StepKind.FULL if not columns or any(row[c] for c in columns) else StepKind.REUSE
 
     def _unit_row(self, step: int, num_blocks: int) -> tuple[bool, ...]:
-        row = self.schedule.units[step]
-        if len(row) != 2 * num_blocks:
-            raise ScheduleError(f"the router has {len(row)} units per step but this model has {num_blocks} blocks "
-                                f"({2 * num_blocks} units): it was trained for another model")
-        return row
+        self.check_units(num_blocks)
+        return self.schedule.units[step]
+
+    def check_units(self, num_blocks: int) -> None:
+        """ScheduleError unless the unit table (if any) has the two units of each of `num_blocks`
+        blocks; the runtime calls it before the first step, so a wrong router stops nothing midway."""
+        units = self.schedule.units
+        if units is not None and len(units[0]) != 2 * num_blocks:
+            raise ScheduleError(f"the router has {len(units[0])} units per step but this model has {num_blocks} blocks "
+                                f"({2 * num_blocks} units): it was trained for another model; train one on this "
+                                "model with HarmoniCa Router Trainer, or load one made for it")

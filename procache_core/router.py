@@ -222,11 +222,13 @@ class Router:
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ScheduleError(f"{where}: not valid JSON ({e.msg})") from None
+            raise ScheduleError(f"{where}: not valid JSON ({e.msg}); paste the text of HarmoniCa Router Trainer") from None
+        except (ValueError, RecursionError) as e:       # numbers of over 4300 digits, nesting past the stack
+            raise ScheduleError(f"{where}: not a router ({str(e)[:100]}); paste the text of HarmoniCa Router Trainer") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise ScheduleError(f"{where}: not a '{FORMAT_NAME}' document")
         if doc.get("version") != FORMAT_VERSION:
-            raise ScheduleError(f"{where}: router format version {doc.get('version')!r} is not supported")
+            raise ScheduleError(f"{where}: router format version {str(doc.get('version'))[:40]!r} is not supported")
         shape = doc.get("shape")
         try:
             raw = base64.b64decode(doc["logits_float32_base64"], validate=True)
@@ -236,6 +238,9 @@ class Router:
         except Exception as e:
             raise ScheduleError(f"{where}: unreadable logits ({e})") from None
         metadata = doc.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ScheduleError(f"{where}: 'metadata' must be a JSON object of names to values, got a "
+                                f"{type(metadata).__name__}; paste the text of HarmoniCa Router Trainer")
         return cls._from_parts(logits, {**metadata, "tau": str(doc.get("tau"))}, where)
 
     @classmethod

@@ -53,12 +53,13 @@ class Schedule:
     units: tuple[tuple[bool, ...], ...] | None = None
 
     def __post_init__(self):
-        kinds = tuple(StepKind(int(k)) for k in self.kinds)
+        kinds = tuple(self.kinds)
+        if len(kinds) > MAX_STEPS:      # before converting: a long list is refused at the cost of its length
+            raise ScheduleError(f"a schedule has at most {MAX_STEPS} steps, got {len(kinds)}")
+        kinds = tuple(StepKind(int(k)) for k in kinds)
         object.__setattr__(self, "kinds", kinds)
         if not kinds:
             raise ScheduleError("a schedule needs at least one step")
-        if len(kinds) > MAX_STEPS:
-            raise ScheduleError(f"a schedule has at most {MAX_STEPS} steps, got {len(kinds)}")
         if kinds[0] != StepKind.FULL:
             raise ScheduleError(
                 f"step 0 must be full (1): nothing is cached before it; got {int(kinds[0])}")
@@ -192,6 +193,8 @@ class Schedule:
                 f"{where}: schedule format version {version!r} is not supported (this pack reads 1..{FORMAT_VERSION}); "
                 "update the pack or re-save the schedule")
         pattern = doc.get("pattern")
+        if isinstance(pattern, list) and len(pattern) > MAX_STEPS:
+            raise ScheduleError(f"{where}: the pattern has {len(pattern)} steps; a schedule has at most {MAX_STEPS} steps")
         if not isinstance(pattern, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in pattern):
             raise ScheduleError(f"{where}: 'pattern' must be a list of integers 0, 1, 2")
         bad = sorted({p for p in pattern if p not in (0, 1, 2)})
@@ -229,18 +232,23 @@ class Schedule:
             raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
         except RecursionError:
             raise ScheduleError(f"{where}: not a schedule (JSON nested too deeply)") from None
+        except ValueError as e:         # e.g. a number of over 4300 digits (Python's conversion limit)
+            raise ScheduleError(f"{where}: not a schedule ({str(e)[:100]}); schedules hold small numbers only") from None
         return cls.from_dict(doc, where)
 
 
 # ---- building schedules ----------------------------------------------------------------------
 _REPEAT = re.compile(r"\[([0-2,\s]*)\]\s*[x\*]\s*(\d+)")
+_OUTSIDE_GROUPS = re.compile(r"[\s,\[\]+]")
 
 
 def parse_pattern(text: str, name: str = "typed pattern") -> Schedule:
     """A schedule from text a user types.
 
     Accepts plain digits ('1002'), separated digits ('1,0,0,2'), repeated groups
-    ('[1,0,2,0]x6 + [1,0]x7') or a whole JSON schedule document.
+    ('[1,0,2,0]x6 + [1,0]x7') or a whole JSON schedule document. The step count is worked out
+    from the repeat counts before anything is repeated, so a short text that asks for billions of
+    steps is refused at once (ComfyUI validates on its event loop: a slow parse stalls the server).
     """
     text = (text or "").strip()
     if not text:
@@ -248,21 +256,40 @@ def parse_pattern(text: str, name: str = "typed pattern") -> Schedule:
     if text.startswith("{"):
         return Schedule.from_json(text, where="pattern text")
     if len(text) > 8 * MAX_STEPS:
-        raise ScheduleError("the pattern text is too long")
+        raise ScheduleError(f"the pattern text is too long ({len(text)} characters, at most {8 * MAX_STEPS}): "
+                            "write long runs as repeated groups, e.g. [1,0,0]x20")
+    pieces = _pattern_pieces(text)
+    steps = sum(len(digits) * times for digits, times in pieces)
+    if steps > MAX_STEPS:
+        raise ScheduleError(f"the pattern makes {steps} steps; a schedule has at most {MAX_STEPS} steps: "
+                            "lower the repeat counts")
+    kinds = [int(c) for digits, times in pieces for c in digits * times]
+    return Schedule(kinds=tuple(kinds), name=name, provenance="typed by the user")
 
-    def expand(match: re.Match) -> str:
-        group, times = match.group(1), int(match.group(2))
-        if times > MAX_STEPS:
-            raise ScheduleError(f"repeat count {times} is too large")
-        return ",".join([group.strip(" ,")] * times)
 
-    expanded = _REPEAT.sub(expand, text).replace("+", ",")
-    bad = sorted(set(re.sub(r"[\s,\[\]]", "", expanded)) - set("012"))
+def _pattern_pieces(text: str) -> list[tuple[str, int]]:
+    """(digits, times) for each part of a typed pattern, in order, nothing repeated yet."""
+    pieces, end = [], 0
+    for match in _REPEAT.finditer(text):
+        pieces.append((_digits_outside_groups(text[end:match.start()]), 1))
+        count = match.group(2).lstrip("0") or "0"
+        if len(count) > len(str(MAX_STEPS)) or int(count) > MAX_STEPS:
+            shown = count if len(count) <= 12 else f"of {len(count)} digits"
+            raise ScheduleError(f"the pattern's repeat count {shown} is too large: a schedule has at most "
+                                f"{MAX_STEPS} steps")
+        pieces.append((re.sub(r"[^012]", "", match.group(1)), int(count)))
+        end = match.end()
+    pieces.append((_digits_outside_groups(text[end:]), 1))
+    return [(digits, times) for digits, times in pieces if digits and times]
+
+
+def _digits_outside_groups(part: str) -> str:
+    bad = sorted(set(_OUTSIDE_GROUPS.sub("", part)) - set("012"))
     if bad:
+        shown = "".join(bad) if len(bad) <= 20 else "".join(bad[:20]) + "..."
         raise ScheduleError(
-            f"the pattern may only contain 0 (reuse), 1 (full), 2 (selective), commas and [group]xN; found {''.join(bad)!r}")
-    digits = [int(c) for c in re.sub(r"[^012]", "", expanded)]
-    return Schedule(kinds=tuple(digits), name=name, provenance="typed by the user")
+            f"the pattern may only contain 0 (reuse), 1 (full), 2 (selective), commas and [group]xN; found {shown!r}")
+    return re.sub(r"[^012]", "", part)
 
 
 def uniform(steps: int, interval: int, name: str | None = None) -> Schedule:

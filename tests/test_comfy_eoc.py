@@ -155,3 +155,48 @@ def test_apply_warns_when_a_forecaster_and_a_correction_are_both_connected(pack,
         both = apply.execute(*args, forecaster, _correction(pack, prior)).result[1]
     assert both.startswith("WARNING: a forecaster and an EOC correction")
     assert any("connect one" in r.getMessage() for r in caplog.records)
+
+
+def test_a_prior_that_does_not_fit_the_run_is_skipped_with_a_note_and_a_warning(pack, caplog):
+    from procache_comfyui.nodes import runtime
+    pixart = comfy_env.make_patcher("pixart")
+    token_prior = _extract(pack, pixart, "pixart", pooling="token")[0].result[0]     # 48 x 48 latent
+    correction = _correction(pack, token_prior, 0.5)
+    with caplog.at_level("WARNING", logger="procache"):
+        comfy_env.sample(_apply(pack, pixart, PATTERN, correction), "pixart", steps=len(PATTERN), hw=40)
+    notes = [n for n in runtime.LAST_RUNS.latest()["notes"] if n.startswith("EOC correction skipped")]
+    assert len(notes) == 1 and "another resolution" in notes[0] and "[576, " in notes[0] and "[400, " in notes[0]
+    assert [r.getMessage() for r in caplog.records if "EOC correction skipped" in r.getMessage()] == \
+        [f"ProCache: {notes[0]}"]
+    # at the prior's own size nothing is skipped
+    comfy_env.sample(_apply(pack, pixart, PATTERN, correction), "pixart", steps=len(PATTERN))
+    assert not any("EOC correction skipped" in n for n in runtime.LAST_RUNS.latest()["notes"])
+    # a PixArt prior on another family
+    wan = comfy_env.make_patcher("wan")
+    comfy_env.sample(_apply(pack, wan, PATTERN, _correction(pack, _extract(pack, pixart, "pixart")[0].result[0])),
+                     "wan", steps=len(PATTERN), hw=HW["wan"])
+    notes = [n for n in runtime.LAST_RUNS.latest()["notes"] if n.startswith("EOC correction skipped")]
+    assert notes and "extract a prior on this model" in notes[0] and "PixArtMS" in notes[0]
+
+
+def test_a_saved_prior_with_bad_metadata_is_refused_at_validation_naming_the_file(pack, tmp_path, monkeypatch):
+    from procache_comfyui.procache_core.eoc import MAX_PRIOR_BYTES, Prior
+    from safetensors.torch import save
+    eoc_node = pack.nodes.eoc_node
+    monkeypatch.setattr(eoc_node, "prior_dir", lambda: str(tmp_path))
+    tensors = {"mean|0|0|0|attn": torch.ones(4)}
+    header = {"format": "procache.eoc_prior", "version": "1", "pooling": "channel", "metadata": "{}"}
+    (tmp_path / "counts.safetensors").write_bytes(save(tensors, metadata={**header, "counts": "not json"}))
+    (tmp_path / "listed.safetensors").write_bytes(save(tensors, metadata={**header, "counts": "[1, 2]"}))
+    (tmp_path / "meta.safetensors").write_bytes(save(tensors, metadata={**header, "counts": "{}", "metadata": "[]"}))
+    (tmp_path / "ok.safetensors").write_bytes(save(tensors, metadata={**header, "counts": '{"count|0|0|0|attn": 3}'}))
+    with open(tmp_path / "huge.safetensors", "wb") as f:
+        f.truncate(MAX_PRIOR_BYTES + 1)        # sparse: the size alone must refuse it
+    for name, words in [("counts", "'counts' metadata should be a JSON object"), ("listed", "a JSON list"),
+                        ("meta", "'metadata' should be a JSON object"), ("huge", "larger than the 1024 MiB")]:
+        problem = eoc_node.EOCCorrection.validate_inputs(name)
+        assert isinstance(problem, str) and f"EOC prior file '{name}.safetensors'" in problem and words in problem, name
+        with pytest.raises(Exception, match="EOC prior file"):
+            eoc_node.EOCCorrection.execute(name, 0.5, 0.0, 0.0, 1.0)
+    assert eoc_node.EOCCorrection.validate_inputs("ok") is True
+    assert Prior.load(str(tmp_path / "ok.safetensors")).counts == {(0, 0, (0, "attn")): 3}

@@ -84,6 +84,64 @@ def test_windows_and_odd_names_never_resolve(pack, user_folder, tmp_path, name):
     assert (tmp_path / "secret.json").read_text() == GOOD_DOC
 
 
+def _writers():
+    """(kind folder, file suffix, save(name) as the node saves it, the error it raises) per writer."""
+    from procache_comfyui.nodes import eoc_node, forecaster_node, library, router_node
+    from procache_comfyui.procache_core import ScheduleError
+    from procache_comfyui.procache_core.eoc import EOCError, Prior
+    from procache_comfyui.procache_core.forecast import ForecastError, Taylor
+    from procache_comfyui.procache_core.router import Router
+    prior = Prior("channel", {(0, 0, (0, "attn")): torch.ones(4)}, {(0, 0, (0, "attn")): 1})
+    return {
+        "schedule search": ("schedules", ".json", lambda name: library.save_user(library.load("procache-dit-50-17full"), name),
+                            ScheduleError),
+        "forecaster trainer": ("forecasters", ".json", lambda name: forecaster_node._save(name, Taylor(1).to_json()),
+                               ForecastError),
+        "eoc prior extractor": ("eoc_priors", ".safetensors", lambda name: eoc_node._save(name, prior), EOCError),
+        "router trainer": ("routers", ".safetensors", lambda name: router_node._save(name, Router.initial(3, 2)),
+                           ScheduleError),
+    }
+
+
+WRITERS = ["schedule search", "forecaster trainer", "eoc prior extractor", "router trainer"]
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_saving_never_writes_through_a_link(pack, user_folder, tmp_path, writer):
+    kind, suffix, save, error = _writers()[writer]
+    folder = user_folder.parent / kind
+    folder.mkdir(exist_ok=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # a dangling link named like the file to save, and one to a file that exists
+    os.symlink(outside / "planted", folder / f"dangling{suffix}")
+    (outside / "victim").write_text("keep me")
+    os.symlink(outside / "victim", folder / f"existing{suffix}")
+    for name in ("dangling", "existing"):
+        with pytest.raises(error, match="symbolic link"):
+            save(name)
+    assert not (outside / "planted").exists() and (outside / "victim").read_text() == "keep me"
+    assert sorted(os.listdir(folder)) == [f"dangling{suffix}", f"existing{suffix}"]   # no temporary left behind
+    # a plain name saves a plain file in the folder, readable as before
+    path = save("mine")
+    assert path == str(folder / f"mine{suffix}") and not os.path.islink(path) and os.path.getsize(path) > 0
+    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_saving_refuses_a_kind_folder_that_is_a_link_out(pack, user_folder, tmp_path, writer):
+    kind, suffix, save, error = _writers()[writer]
+    folder = user_folder.parent / kind
+    if folder.exists():
+        folder.rmdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, folder)
+    with pytest.raises(error, match="symbolic link"):
+        save("mine")
+    assert os.listdir(elsewhere) == []
+
+
 def test_bad_user_files_are_clear_errors_and_hide_nothing_else(pack, user_folder):
     from procache_comfyui.nodes import library, runtime
     from procache_comfyui.nodes.schedule_loader import ProCacheScheduleLoader
@@ -301,7 +359,11 @@ def test_out_of_memory_while_caching_falls_back_to_full_compute(pack, monkeypatc
     message = [r.getMessage() for r in caplog.records if "out of memory while caching at step 3" in r.getMessage()]
     assert message and "cache_on_cpu" in message[0]
     assert any("out of memory while caching at step 3" in n for n in runtime.LAST_RUNS.latest()["notes"])
-    assert runtime.LAST_RUNS.latest()["actual"]["stream 0"][:3] == "FRR"
+    # the panel's record: steps 3..5 computed in full after the out of memory, not "not run"
+    latest = runtime.LAST_RUNS.latest()
+    assert latest["actual"] and all(letters == "FRRFFF" for letters in latest["actual"].values())
+    assert latest["counts"]["full"] == 4 and latest["recovered_at_step"] == 3
+    assert latest["compute_share"][3:] == [1.0, 1.0, 1.0]
     # steps 0..2 cached as planned, steps 3..5 computed in full: exactly the run of that schedule
     monkeypatch.undo()
     expected = comfy_env.sample(_apply(pack, comfy_env.make_patcher("wan"), "1,0,0,1,1,1").result[0], "wan")

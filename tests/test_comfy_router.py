@@ -83,6 +83,21 @@ def test_apply_with_a_router_computes_exactly_the_routed_units(pack, family):
     assert torch.equal(comfy_env.sample(_apply(pack, mp, everything), family, steps=STEPS, cfg=2.0, hw=HW[family]), full)
 
 
+def test_a_router_for_another_model_is_refused_before_the_first_step(pack):
+    from procache_comfyui.procache_core import ScheduleError
+    mp = comfy_env.make_patcher("pixart")
+    blocks = len(mp.model.diffusion_model.blocks)
+    schedule = _router_schedule(pack, ["11" * (blocks + 1)] + ["10" * (blocks + 1)] * (STEPS - 1))
+    calls = []
+    handle = mp.model.diffusion_model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(ScheduleError, match=f"{2 * blocks + 2} units per step but this model has {blocks} blocks"):
+            comfy_env.sample(_apply(pack, mp, schedule), "pixart", steps=STEPS, cfg=2.0)
+    finally:
+        handle.remove()
+    assert calls == []          # not one model call was spent on a run that could not finish
+
+
 def _trainer_args(family, **changes):
     latent, pos, neg = comfy_env.latent_and_conds(family, batch=1, hw=HW[family])
     args = dict(positive=pos, negative=neg, latent_image={"samples": latent}, seed=7, sampler_name="euler",

@@ -227,3 +227,25 @@ def test_family_detection_and_fallback_message():
     assert find_family(_model())[0].name == "reference-dit"
     family, sentence = find_family(torch.nn.Linear(2, 2))
     assert family is None and "model-level" in sentence
+
+
+def test_steps_computed_in_full_after_an_out_of_memory_count_as_full_steps():
+    from procache_core.clock import StepClock
+    from procache_core.schedule import StepKind
+    from procache_core.stats import RunStats
+    planned = [StepKind.FULL, StepKind.REUSE, StepKind.REUSE, StepKind.FULL, StepKind.REUSE, StepKind.REUSE]
+    stats = RunStats(planned)
+    clock = StepClock([6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    for step, kind in enumerate(planned[:3]):
+        stats.record_call(step, ["cond"], kind, 0.1, 10.0 if kind == StepKind.FULL else 0.0, 10.0, 0)
+        clock.step_finished(step)
+    stats.record_call(3, ["cond"], StepKind.FULL, 0.05, 4.0, 4.0, 0)     # the call that ran out of memory
+    stats.computed_in_full_from(3, clock)
+    assert stats.summary()["actual"] == {"stream 0": "FRRF--"}       # step 3 runs again in full at once
+    clock.step_finished(3)
+    clock.step_finished(4)                                            # then the run is cancelled
+    summary = stats.summary()
+    assert summary["actual"] == {"stream 0": "FRRFF-"} and summary["counts"]["full"] == 3
+    assert summary["compute_share"] == [1.0, 0.0, 0.0, 1.0, 1.0, None]
+    assert summary["recovered_at_step"] == 3
+    assert stats.flops_speedup == pytest.approx(50.0 / 30.0)        # 5 steps of work 10, 3 of them computed

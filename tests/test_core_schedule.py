@@ -105,3 +105,55 @@ def test_candidate_count_is_capped_by_what_exists():
 def test_impossible_constraints_name_the_values(kwargs, words):
     with pytest.raises(ScheduleError, match=words):
         SearchConstraints(**kwargs)
+
+
+def _peak_bytes_while(call) -> int:
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _refused(text):
+    with pytest.raises(ScheduleError) as refused:
+        parse_pattern(text)
+    return str(refused.value)
+
+
+def test_a_pattern_is_sized_by_arithmetic_before_anything_is_repeated():
+    # a million steps from 300 characters: refused while holding about as much as the text itself,
+    # not the million-step expansion (a repeated text would hold megabytes)
+    text = " + ".join(["[1,0,0,0,0,0,0,0,0,0]x9999"] * 10)
+    peak = _peak_bytes_while(lambda: _refused(text))
+    assert peak < 200_000
+    assert "makes 999900 steps" in _refused(text) and "at most 10000" in _refused(text)
+
+
+def test_the_largest_typed_pattern_is_refused_with_little_memory():
+    # just under the length limit, 7,000 groups asking for 140 million steps
+    text = "+".join(["[1,0]x9999"] * 7000)
+    assert len(text) < 80_000
+    assert _peak_bytes_while(lambda: _refused(text)) < 5_000_000
+    assert "makes 139986000 steps" in _refused(text)
+    assert "too long (100000 characters" in _refused("1" * 100_000)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[1,0]x" + "9" * 5000, "repeat count of 5000 digits is too large"),
+    ("[1,0]x10001", "repeat count 10001 is too large"),
+    ("[1,0]x00005000 + [1]x5000", "makes 15000 steps"),
+    ("[]x9999 + 1", None),
+])
+def test_repeat_counts_are_bounded_without_converting_huge_numbers(text, words):
+    if words is None:
+        assert parse_pattern(text).pattern == "1"
+    else:
+        assert words in _refused(text)
+
+
+def test_a_json_pattern_over_the_step_limit_is_refused_before_conversion():
+    doc = json.dumps({"format": "procache.schedule", "version": 1, "pattern": [1] * 20_000})
+    assert "20000 steps" in _refused(doc)
