@@ -55,7 +55,7 @@ class Run:
         self.selector = selector or TokenSelector()
         self.cache = CacheStore(cache_device)
         # Forecasting (None: reuse copies the last full value) and calibration recording.
-        self.forecast = ForecastState(forecaster) if forecaster is not None else None
+        self.forecast = ForecastState(forecaster, clock.sigmas) if forecaster is not None else None
         self.recorder = recorder
         # EOC: reused values get the prior's drift since their fill step (None: plain reuse).
         self.eoc = CorrectionState(eoc) if eoc is not None else None
@@ -105,6 +105,8 @@ class Run:
         """Free every cached tensor; safe to call twice (error paths)."""
         if not self.closed:
             self.closed = True
+            if self.forecast is not None:
+                self.stats.notes.extend(self.forecast.report())
             self.cache.clear()
             self.stats.wall_seconds = time.perf_counter() - self._started
         return self.stats
@@ -299,8 +301,7 @@ class _Call:
         if run.forecast is None:
             run.cache.put(self.streams, key, out)
         else:       # forecasts read the history slots only: K values per branch, not K + 1
-            slot = run.forecast.slot_for(key, self.schedule_step, self.sigma)
-            run.cache.put(self.streams, key + ("history", slot), out)
+            run.forecast.store(run.cache, self.streams, key, self.schedule_step, self.sigma, out)
             run.cache.discard(self.streams, key + ("correction",))
         if run.eoc is not None:
             run.eoc.filled(self.streams, key, self.schedule_step)
