@@ -73,8 +73,8 @@ class ProCacheForecaster(io.ComfyNode):
                                + [FILE_PREFIX + n for n in saved_forecasters()],
                                default="taylor 1",
                                tooltip="taylor 1 / taylor 2: extrapolation from the noise levels of the last 2 / 3 "
-                                       "full steps, no training. online: a Chebyshev polynomial in noise level "
-                                       "per branch, fitted by ridge regression on this run's full steps, no "
+                                       "full steps, no training. online: a Chebyshev polynomial over the run's "
+                                       "steps per branch, fitted by ridge regression on this run's full steps, no "
                                        "training. fitted: JSON from ProCache Forecaster Trainer."),
                 io.String.Input("text", multiline=True, default="", optional=True,
                                 tooltip="Forecaster JSON (source 'fitted (text below)'); kept in the workflow."),
@@ -89,8 +89,8 @@ class ProCacheForecaster(io.ComfyNode):
                                          "branch whose recent forecasts missed more reuses until they catch up."),
                 io.Boolean.Input("sampler_aware", default=True, optional=True,
                                  tooltip="Reuse instead of forecasting under SDE and ancestral samplers (their "
-                                         "injected noise makes extrapolation overshoot) and damp it under "
-                                         "multistep ones. Off: forecast the same under every sampler."),
+                                         "injected noise makes extrapolation overshoot). Off: forecast the same "
+                                         "under every sampler."),
             ],
             outputs=[FORECASTER.Output(display_name="forecaster", tooltip="Connect to ProCache Apply.")],
         )

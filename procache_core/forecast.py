@@ -13,7 +13,7 @@ step overwrite the forecast, and keep their offset until the next full step).
   whatever the gaps; searched schedules have uneven reuse intervals. Order 0 is plain reuse.
 - `Fitted`: coefficients per schedule step and branch group, found by least squares on recorded
   full-compute trajectories (`ForecastFitter`), with Taylor as the fallback where no fit exists.
-- `Online`: a small Chebyshev polynomial in noise level per unit, fitted by ridge regression on
+- `Online`: a small Chebyshev polynomial over the run's steps per unit, fitted by ridge regression on
   the full steps of the run itself; h_i are then its running normal-equation sums, not past values.
 
 Memory stays bounded: K tensors per cached branch per CFG stream, in slots of the cache store.
@@ -155,8 +155,8 @@ class Fitted(Forecaster):
 
 
 class Online(Forecaster):
-    """A Chebyshev polynomial of noise level per unit, fitted by ridge regression on the values of
-    this run's own full steps: no calibration, and constant memory per unit (`ChebyshevSums`).
+    """A Chebyshev polynomial over the run's noise schedule per unit, fitted by ridge regression on
+    the values of this run's own full steps: no calibration, and constant memory per unit (`ChebyshevSums`).
 
     degree: of the polynomial (1..4); few full steps support little more than 2.
     forgetting: weight kept by older full steps at each new one (1: all count alike; lower fits
