@@ -85,7 +85,8 @@ def sample(model, labels: torch.Tensor, sampler: str, steps: int, seed: int, sch
             eps = model(inp, torch.full((2 * n,), t), y)
         cond, uncond = eps.chunk(2)
         return x - s * (uncond + CFG * (cond - uncond))
-    denoise.inner_model = types.SimpleNamespace(model_patcher=types.SimpleNamespace(get_model_object=lambda _: _NotFlow()))
+    patcher = types.SimpleNamespace(get_model_object=lambda _: _NotFlow())
+    denoise.inner_model = types.SimpleNamespace(model_patcher=patcher)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, model.cfg.channels, model.cfg.image_size, model.cfg.image_size, generator=gen)
     callback = (lambda d: run.clock.step_finished(d["i"])) if run else None

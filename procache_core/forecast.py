@@ -267,11 +267,6 @@ SAMPLER_KINDS = {
                   "lcm"),
 }
 SAMPLER_KIND = {name: kind for kind, names in SAMPLER_KINDS.items() for name in names}
-# Samplers that evaluate the model more than once per step (dpm_fast / dpm_adaptive: a varying number).
-MULTI_EVALUATION = {"heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-                    "dpmpp_sde", "dpmpp_sde_gpu", "exp_heun_2_x0", "exp_heun_2_x0_sde", "seeds_2", "seeds_3",
-                    "sa_solver_pece", "dpm_fast", "dpm_adaptive"}
-# How much of the extrapolation (forecast minus the latest full value) a cached step keeps, per kind.
 # Multistep: measured on the reference DiT, damping cost Taylor more than it saved the online fit
 # once the per-unit guard runs; the guard decides there (table in docs/forecast.md).
 DAMPING = {"ode": 1.0, "multistep": 1.0, "sde": 0.0, "ancestral": 0.0}
@@ -415,7 +410,10 @@ class ChebyshevSums:
         penalty[0] = 0.0
         regularised = gram + torch.diag(penalty) * self.forecaster.ridge * float(gram[0, 0])
         target = torch.tensor(self.basis(sigma, degree), dtype=torch.float64)
-        coeffs = torch.linalg.solve(regularised, target)
+        try:
+            coeffs = torch.linalg.solve(regularised, target)
+        except RuntimeError:        # ridge 0 and values at one position only: the caller reuses
+            raise ForecastError("the online fit is singular at this step") from None
         return [(("sum", j), float(c)) for j, c in enumerate(coeffs)]
 
 

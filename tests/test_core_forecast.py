@@ -236,6 +236,11 @@ def test_online_json_round_trip_and_bad_settings():
             Online(**kwargs)
     with pytest.raises(ForecastError, match="online"):
         from_json('{"format": "procache.forecaster", "version": 1, "kind": "online", "degree": "x"}')
+    # Without ridge, two values at one position leave the fit singular: the unit reuses its latest value.
+    state, cache = ForecastState(Online(1, ridge=0.0)), CacheStore()
+    state.store(cache, ("c",), ("k",), 0, 0.5, torch.ones(1, 2))
+    state.store(cache, ("c",), ("k",), 1, 0.5, torch.zeros(1, 2))
+    assert state.plan(("k",), 2, "mlp", 0.25) == [("latest", 1.0)]
 
 
 def test_online_forecaster_in_the_engine_differs_from_reuse_and_holds_degree_plus_two_tensors(held_history):
@@ -256,8 +261,9 @@ def test_sampler_table_damps_or_switches_off_extrapolation_and_says_so():
     from procache_core.forecast import DAMPING, SAMPLER_KIND, sampler_name
     assert sampler_name("sample_dpmpp_sde") == "dpmpp_sde" and sampler_name("sample_unipc") == "uni_pc"
     assert sampler_name("dpm_adaptive_function") == "dpm_adaptive"
-    for function, kind in [("sample_euler", "ode"), ("sample_dpmpp_2m", "multistep"), ("sample_unipc_bh2", "multistep"),
-                           ("sample_dpmpp_sde", "sde"), ("sample_er_sde", "sde"), ("sample_euler_ancestral", "ancestral")]:
+    for function, kind in [("sample_euler", "ode"), ("sample_dpmpp_2m", "multistep"),
+                           ("sample_unipc_bh2", "multistep"), ("sample_dpmpp_sde", "sde"), ("sample_er_sde", "sde"),
+                           ("sample_euler_ancestral", "ancestral")]:
         assert SAMPLER_KIND[sampler_name(function)] == kind
         state = ForecastState(Taylor(1))
         notes = state.use_sampler(function)
