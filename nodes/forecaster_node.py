@@ -13,7 +13,7 @@ import os
 from comfy_api.latest import io
 
 from ..procache_core import Schedule, ScheduleError
-from ..procache_core.forecast import ForecastError, ForecastFitter, Taylor, from_json
+from ..procache_core.forecast import MAX_DEGREE, ForecastError, ForecastFitter, Online, Taylor, from_json
 from . import library
 from .runtime import record_full_compute, sampling_inputs
 from .schedule_loader import SCHEDULE
@@ -22,6 +22,7 @@ log = logging.getLogger("procache")
 
 FORECASTER = io.Custom("PROCACHE_FORECASTER")
 BUILT_IN = {"reuse (no forecast)": None, "taylor 1": Taylor(1), "taylor 2": Taylor(2)}
+ONLINE = "online (chebyshev)"
 FROM_TEXT = "fitted (text below)"
 FILE_PREFIX = "file: "
 
@@ -35,9 +36,11 @@ def saved_forecasters() -> dict[str, str]:
     return library.saved_files(forecaster_dir(), ".json")
 
 
-def load_forecaster(source: str, text: str):
+def load_forecaster(source: str, text: str, degree: int = 2, forgetting: float = 0.5):
     if source in BUILT_IN:
         return BUILT_IN[source]
+    if source == ONLINE:
+        return Online(degree, forgetting)
     if source == FROM_TEXT:
         if not text.strip():
             raise ForecastError("the forecaster text is empty: paste a forecaster JSON, or pick a built-in one")
@@ -61,31 +64,57 @@ class ProCacheForecaster(io.ComfyNode):
             display_name="ProCache Forecaster",
             category="ProCache/forecast",
             description="How cached steps estimate a skipped branch: copy the last full step (reuse), "
-                        "extrapolate from the last two or three (Taylor), or use coefficients fitted on your model.",
+                        "extrapolate from the last two or three (Taylor), fit a curve over this run's full steps "
+                        "(online), or use coefficients fitted on your model. Under SDE and ancestral samplers "
+                        "cached steps reuse, and a branch whose forecasts miss more than reuse reuses (the run "
+                        "report says so).",
             inputs=[
-                io.Combo.Input("source", options=[*BUILT_IN, FROM_TEXT] + [FILE_PREFIX + n for n in saved_forecasters()],
+                io.Combo.Input("source", options=[*BUILT_IN, ONLINE, FROM_TEXT]
+                               + [FILE_PREFIX + n for n in saved_forecasters()],
                                default="taylor 1",
                                tooltip="taylor 1 / taylor 2: extrapolation from the noise levels of the last 2 / 3 "
-                                       "full steps, no training. fitted: JSON from ProCache Forecaster Trainer."),
+                                       "full steps, no training. online: a Chebyshev polynomial over the run's "
+                                       "steps per branch, fitted by ridge regression on this run's full steps, no "
+                                       "training. fitted: JSON from ProCache Forecaster Trainer."),
                 io.String.Input("text", multiline=True, default="", optional=True,
                                 tooltip="Forecaster JSON (source 'fitted (text below)'); kept in the workflow."),
+                io.Int.Input("degree", default=2, min=1, max=MAX_DEGREE, optional=True,
+                             tooltip="online: degree of the polynomial. Memory: degree + 2 tensors per cached "
+                                     "branch and CFG stream, whatever the number of steps."),
+                io.Float.Input("forgetting", default=0.5, min=0.05, max=1.0, step=0.05, optional=True,
+                               tooltip="online: weight an older full step keeps at each new one. 1: all full "
+                                       "steps count alike; lower follows the recent trajectory more closely."),
+                io.Boolean.Input("guard", default=True, optional=True,
+                                 tooltip="At every full step, compare each branch's forecast with plain reuse; a "
+                                         "branch whose recent forecasts missed more reuses until they catch up."),
+                io.Boolean.Input("sampler_aware", default=True, optional=True,
+                                 tooltip="Reuse instead of forecasting under SDE and ancestral samplers (their "
+                                         "injected noise makes extrapolation overshoot). Off: forecast the same "
+                                         "under every sampler."),
             ],
             outputs=[FORECASTER.Output(display_name="forecaster", tooltip="Connect to ProCache Apply.")],
         )
 
     @classmethod
-    def validate_inputs(cls, source, text="") -> bool | str:
+    def validate_inputs(cls, source, text="", degree=2, forgetting=0.5, guard=True,
+                        sampler_aware=True) -> bool | str:
         try:
-            load_forecaster(source, text or "")
+            _configured(source, text, degree, forgetting, guard, sampler_aware)
         except ForecastError as e:
             return str(e)
         return True
 
     @classmethod
-    def execute(cls, source, text="") -> io.NodeOutput:
-        forecaster = load_forecaster(source, text or "")
+    def execute(cls, source, text="", degree=2, forgetting=0.5, guard=True,
+                sampler_aware=True) -> io.NodeOutput:
+        forecaster = _configured(source, text, degree, forgetting, guard, sampler_aware)
         label = forecaster.describe() if forecaster else "reuse"
         return io.NodeOutput(forecaster, ui={"text": [label]})
+
+
+def _configured(source, text, degree, forgetting, guard, sampler_aware):
+    forecaster = load_forecaster(source, text or "", degree, forgetting)
+    return forecaster.with_safeguards(guard, sampler_aware) if forecaster is not None else None
 
 
 class ProCacheForecasterTrainer(io.ComfyNode):

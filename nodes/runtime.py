@@ -195,7 +195,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run = start_run(config, guider.model_patcher, sigmas)
     run.expected_streams = cfg_streams(guider)
     sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
-    run.clock.corrector_at_next_sigma = getattr(getattr(sampler, "sampler_function", None), "__name__", "") in CORRECTOR_AT_NEXT_SIGMA
+    sampler_function = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+    run.clock.corrector_at_next_sigma = sampler_function in CORRECTOR_AT_NEXT_SIGMA
+    if run.forecast is not None:
+        run.stats.notes.extend(run.forecast.use_sampler(sampler_function))
     warning = double_caching_warning(guider.model_patcher)     # also catches a cache added after Apply
     if warning:
         run.stats.notes.append(warning)

@@ -57,7 +57,7 @@ class Run:
         self.selector = selector or TokenSelector()
         self.cache = CacheStore(cache_device)
         # Forecasting (None: reuse copies the last full value) and calibration recording.
-        self.forecast = ForecastState(forecaster) if forecaster is not None else None
+        self.forecast = ForecastState(forecaster, clock.sigmas) if forecaster is not None else None
         self.recorder = recorder
         # EOC: reused values get the prior's drift since their fill step (None: plain reuse).
         self.eoc = CorrectionState(eoc) if eoc is not None else None
@@ -117,6 +117,8 @@ class Run:
         """Free every cached tensor; safe to call twice (error paths)."""
         if not self.closed:
             self.closed = True
+            if self.forecast is not None:
+                self.stats.notes.extend(self.forecast.report())
             self.cache.clear()
             self.stats.wall_seconds = time.perf_counter() - self._started
             if self.plan is not None:
@@ -131,7 +133,7 @@ class Run:
         offsets from the forecast are held (until the next full step drops them)."""
         if self.forecast is None:
             return ((1, False),)
-        history = self.forecast.forecaster.history
+        forecaster = self.forecast.forecaster
         routed = getattr(getattr(self.policy, "schedule", None), "units", None) is not None
         states, fulls, held = set(), 0, False
         for k in range(self.clock.steps):
@@ -140,7 +142,7 @@ class Run:
                 fulls, held = fulls + 1, False
             elif kind == StepKind.SELECTIVE and fulls:
                 held = True
-            states.add((max(1, min(fulls, history)), held))
+            states.add((forecaster.slots_after(fulls), held))
         return tuple(sorted(states))
 
     def stores_at(self, step: int) -> bool:
@@ -415,8 +417,7 @@ class _Call:
         if run.forecast is None:
             run.cache.put(self.streams, key, value)
         else:       # forecasts read the history slots only: K values per entry, not K + 1
-            slot = run.forecast.slot_for(key, self.schedule_step, self.sigma)
-            run.cache.put(self.streams, key + ("history", slot), value)
+            run.forecast.store(run.cache, self.streams, key, self.schedule_step, self.sigma, value)
             run.cache.discard(self.streams, key + ("correction",))
 
     def _untapped(self, module, tokens):

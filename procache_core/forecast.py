@@ -13,11 +13,18 @@ step overwrite the forecast, and keep their offset until the next full step).
   whatever the gaps; searched schedules have uneven reuse intervals. Order 0 is plain reuse.
 - `Fitted`: coefficients per schedule step and branch group, found by least squares on recorded
   full-compute trajectories (`ForecastFitter`), with Taylor as the fallback where no fit exists.
+- `Online`: a small Chebyshev polynomial over the run's steps per unit, fitted by ridge regression on
+  the full steps of the run itself; h_i are then its running normal-equation sums, not past values.
 
-Memory stays bounded: K tensors per cached branch per CFG stream, in ring slots of the cache store.
+Memory stays bounded: K tensors per cached branch per CFG stream, in slots of the cache store.
+
+Two safeguards (`ForecastState`): the sampler's kind damps or switches off extrapolation where it
+overshoots (SDE and ancestral samplers inject noise every step), and a per-unit guard compares
+forecast and reuse errors at every full step and makes a unit whose forecasts miss more reuse.
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import Hashable, Sequence
 
@@ -32,6 +39,7 @@ MAX_JSON_BYTES = 1 << 20
 # Fitted weights are O(1) (Lagrange weights for the pack's schedules stay within about +-10); far
 # larger ones come from a broken fit or an edited file and overflow half-precision products.
 MAX_COEFFICIENT = 1e4
+MAX_DEGREE = 4
 
 
 class ForecastError(ValueError):
@@ -54,10 +62,30 @@ def lagrange_coefficients(times: Sequence[float], target: float) -> list[float]:
 
 
 class Forecaster:
-    """Base: how many values to keep and how to combine them."""
+    """Base: how many values to keep and how to combine them.
+
+    guard: check each unit's forecast against plain reuse at every full step (`ForecastState`).
+    sampler_aware: damp or switch off extrapolation under the samplers that overshoot (`DAMPING`).
+    """
 
     kind = "none"
     history = 1
+    guard = True
+    sampler_aware = True
+
+    def slots_after(self, full_steps: int) -> int:
+        """Tensors each unit holds after `full_steps` full steps (the cache plan counts them)."""
+        return max(1, min(full_steps, self.history))
+
+    def memory(self, sigmas: Sequence[float] | None = None) -> "RingHistory":
+        """What a run keeps per unit to forecast it (`sigmas`: the run's noise levels, step by step)."""
+        return RingHistory(self)
+
+    def with_safeguards(self, guard: bool, sampler_aware: bool) -> "Forecaster":
+        """A copy with these safeguards (the built-in forecasters are shared; never changed in place)."""
+        other = copy.copy(self)
+        other.guard, other.sampler_aware = bool(guard), bool(sampler_aware)
+        return other
 
     def coefficients(self, step: int, group: str, times: Sequence[float], target: float) -> list[float]:
         """Weights for the stored values at `times` (oldest first) to forecast noise level `target`."""
@@ -135,6 +163,50 @@ class Fitted(Forecaster):
                 "coefficients": {str(s): gs for s, gs in sorted(self.table.items())}}
 
 
+class Online(Forecaster):
+    """A Chebyshev polynomial over the run's noise schedule per unit, fitted by ridge regression on
+    the values of this run's own full steps: no calibration, and constant memory per unit (`ChebyshevSums`).
+
+    degree: of the polynomial (1..4); few full steps support little more than 2.
+    forgetting: weight kept by older full steps at each new one (1: all count alike; lower fits
+      the recent trajectory more closely). 0.5 measured best on the reference DiT.
+    ridge: penalty on the non-constant coefficients, relative to the total weight of the values.
+    """
+
+    kind = "online"
+
+    def __init__(self, degree: int = 2, forgetting: float = 0.5, ridge: float = 1e-3):
+        if not 1 <= degree <= MAX_DEGREE:
+            raise ForecastError(f"online degree must be 1..{MAX_DEGREE}, got {degree}")
+        if not _finite(forgetting) or not 0.0 < forgetting <= 1.0:
+            raise ForecastError(f"online forgetting must be in (0, 1], got {forgetting}")
+        if not _finite(ridge) or ridge < 0.0:
+            raise ForecastError(f"online ridge must be a finite number >= 0, got {ridge}")
+        self.degree, self.forgetting, self.ridge = int(degree), float(forgetting), float(ridge)
+        self.history = self.degree + 1
+
+    def slots_after(self, full_steps: int) -> int:
+        return self.degree + 2          # the basis-weighted sums and the latest value, from the first full step
+
+    def memory(self, sigmas: Sequence[float] | None = None) -> "ChebyshevSums":
+        return ChebyshevSums(self, sigmas)
+
+    def describe(self) -> str:
+        forgetting = f", forgetting {self.forgetting:g}" if self.forgetting < 1.0 else ""
+        return f"online Chebyshev degree {self.degree}{forgetting}"
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "degree": self.degree, "forgetting": self.forgetting, "ridge": self.ridge}
+
+
+def chebyshev(x: float, degree: int) -> list[float]:
+    """T_0(x) .. T_degree(x)."""
+    values = [1.0, float(x)][:degree + 1]
+    while len(values) <= degree:
+        values.append(2.0 * x * values[-1] - values[-2])
+    return values
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
@@ -181,7 +253,16 @@ def from_dict(data: dict) -> Forecaster | None:
             raise ForecastError(f"forecaster field 'metadata' must be a JSON object, got a {type(metadata).__name__}")
         return Fitted({int(s): gs for s, gs in raw.items()}, _whole_number(data, "history", 2, f"1..{MAX_HISTORY}"),
                       data.get("grouping", "role"), _whole_number(data, "fallback_order", 0, "0, 1 or 2"), metadata)
-    raise ForecastError(f"unknown forecaster kind {kind!r} (none, taylor, fitted)")
+    if kind == "online":
+        try:
+            return Online(_whole_number(data, "degree", 2, f"0..{MAX_DEGREE}"), float(data.get("forgetting", 0.5)),
+                          float(data.get("ridge", 1e-3)))
+        except (TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, ForecastError):
+                raise
+            raise ForecastError(f"online forecaster settings: {e}; give a number for 'forgetting' (0..1] and "
+                                "'ridge' (> 0)") from None
+    raise ForecastError(f"unknown forecaster kind {kind!r} (none, taylor, fitted, online)")
 
 
 def from_json(text: str) -> Forecaster | None:
@@ -196,12 +277,42 @@ def from_json(text: str) -> Forecaster | None:
     return from_dict(data)
 
 
+# ---- samplers -----------------------------------------------------------------------------------
+# ComfyUI's sampler names by how they move between steps. Extrapolating a branch between full steps
+# assumes it changes smoothly with the noise level: true along an ODE, less so when a multistep
+# solver mixes in earlier steps' predictions, and not at all when fresh noise enters each step
+# (SDE and ancestral samplers), where a forecast amplifies the injected noise instead.
+SAMPLER_KINDS = {
+    "ode": ("euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "exp_heun_2_x0", "dpm_fast", "dpm_adaptive",
+            "ddim"),
+    "multistep": ("lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep",
+                  "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "uni_pc",
+                  "uni_pc_bh2"),
+    "sde": ("dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun",
+            "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "er_sde", "exp_heun_2_x0_sde", "seeds_2",
+            "seeds_3", "sa_solver", "sa_solver_pece"),
+    "ancestral": ("euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                  "dpmpp_2s_ancestral_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "ddpm",
+                  "lcm"),
+}
+SAMPLER_KIND = {name: kind for kind, names in SAMPLER_KINDS.items() for name in names}
+# Multistep: measured on the reference DiT, damping cost Taylor more than it saved the online fit
+# once the per-unit guard runs; the guard decides there (table in docs/forecast.md).
+DAMPING = {"ode": 1.0, "multistep": 1.0, "sde": 0.0, "ancestral": 0.0}
+
+
+def sampler_name(function_name: str) -> str:
+    """ComfyUI's sampler name for the name of its sampling function ("sample_dpmpp_sde" -> "dpmpp_sde")."""
+    name = function_name.removeprefix("sample_").removesuffix("_function")
+    return {"unipc": "uni_pc", "unipc_bh2": "uni_pc_bh2"}.get(name, name)
+
+
 # ---- the engine's side ------------------------------------------------------------------------
-class ForecastState:
-    """Per-run history bookkeeping: which full steps each branch's ring slots hold.
+class RingHistory:
+    """Taylor and fitted forecasts: the last K full-step values of each unit, in ring slots.
 
     Tensors live in the run's CacheStore (per stream) under key + ("history", slot); this object
-    keeps, per branch key, the (step, noise level, slot) of the stored values, shared by all
+    keeps, per unit key, the (step, noise level, slot) of the stored values, shared by all
     streams: the streams of one step are stored at the same step whether they arrive batched or
     in separate calls.
     """
@@ -211,11 +322,20 @@ class ForecastState:
         self.entries: dict[Hashable, list[tuple[int, float, int]]] = {}
         self.counts: dict[Hashable, int] = {}
 
+    def has_step(self, key: Hashable, step: int) -> bool:
+        return any(s == step for s, _, _ in self.entries.get(key, ()))
+
+    def keep(self, cache, streams, key: Hashable, step: int, sigma: float, value: torch.Tensor) -> None:
+        cache.put(streams, key + ("history", self.slot_for(key, step, sigma)), value)
+
     def slot_for(self, key: Hashable, step: int, sigma: float) -> int:
-        """The ring slot that holds this branch's value of full step `step`."""
+        """The ring slot that holds this unit's value of full step `step`."""
         entries = self.entries.setdefault(key, [])
-        for s, _, slot in entries:
+        for i, (s, _, slot) in enumerate(entries):
             if s == step:
+                # A sampler that evaluates twice per step (heun, dpmpp_sde) stores its later value:
+                # it is labelled with its own noise level, or every extrapolation leans on a wrong gap.
+                entries[i] = (s, float(sigma), slot)
                 return slot
         n = self.counts.get(key, 0)
         self.counts[key] = n + 1
@@ -224,18 +344,214 @@ class ForecastState:
         del entries[:-self.forecaster.history]
         return slot
 
-    def plan(self, key: Hashable, step: int, group: str, sigma: float) -> list[tuple[int, float]]:
-        """(slot, weight) pairs that forecast this branch at `step` / `sigma`."""
+    def latest(self, key: Hashable):
         entries = self.entries.get(key)
-        if not entries:
-            return []
+        return entries[-1][2] if entries else None
+
+    def weights(self, key: Hashable, step: int, group: str, sigma: float) -> list[tuple[Hashable, float]]:
+        entries = self.entries[key]
         times = [t for _, t, _ in entries]
-        try:
-            weights = self.forecaster.coefficients(step, group, times, float(sigma))
-        except ForecastError:          # two values at one noise level: fall back to the latest
-            return [(entries[-1][2], 1.0)]
+        weights = self.forecaster.coefficients(step, group, times, float(sigma))
         used = entries[-len(weights):]
         return [(slot, w) for (_, _, slot), w in zip(used, weights)]
+
+
+class ChebyshevSums:
+    """The online forecaster's memory: per unit, the ridge normal equations of its fit.
+
+    With basis values phi(s_i) of the observed noise levels and forgetting factor r, the fit is
+    min_c sum_i r^(n-i) |phi(s_i) @ c - h_i|^2 + ridge |c_1..|^2, whose solution needs only the
+    Gram matrix G = sum_i r^(n-i) phi(s_i) phi(s_i)^T (scalars, shared by every stream of a unit)
+    and the sums B_j = sum_i r^(n-i) phi_j(s_i) h_i (degree + 1 tensors per stream). A forecast at
+    s is phi(s) @ G^-1 @ B: a weighted sum of the B_j, so the engine reads them like ring slots.
+    The latest value is kept too, for reuse where forecasting is off.
+    """
+
+    def __init__(self, forecaster: "Online", sigmas: Sequence[float] | None = None):
+        self.forecaster = forecaster
+        self.sigmas = [float(s) for s in sigmas] if sigmas is not None and len(sigmas) > 1 else None
+        self.top: float | None = None           # without sigmas: the first noise level seen maps to +1
+        self.gram: dict[Hashable, torch.Tensor] = {}
+        self.count: dict[Hashable, int] = {}
+        self.observed: dict[Hashable, tuple[int, float]] = {}       # the latest (step, sigma) in the Gram
+        self.summed: dict[tuple[str, Hashable], tuple[int, float]] = {}   # ... in each stream's sums
+
+    def basis(self, sigma: float, degree: int) -> list[float]:
+        return chebyshev(self.position(float(sigma)), degree)
+
+    def position(self, sigma: float) -> float:
+        """Where `sigma` lies in the run, from +1 (first step) to -1 (last sigma).
+
+        The schedule's step positions, not the noise level itself: schedulers space their steps so
+        that each changes the sample about as much, while sigma itself spans orders of magnitude on
+        epsilon models (a fit in sigma would crowd all late steps at one end). A sigma between two
+        schedule entries (a second evaluation inside a step) gets a fractional position."""
+        if self.sigmas is None:
+            return 2.0 * sigma / self.top - 1.0
+        last = len(self.sigmas) - 1
+        for k in range(last):
+            hi, lo = self.sigmas[k], self.sigmas[k + 1]
+            if min(hi, lo) <= sigma <= max(hi, lo):
+                fraction = (hi - sigma) / (hi - lo) if hi != lo else 0.0
+                return 1.0 - 2.0 * (k + fraction) / last
+        return 1.0 if sigma > self.sigmas[0] else -1.0
+
+    def has_step(self, key: Hashable, step: int) -> bool:
+        return key in self.observed and self.observed[key][0] == step
+
+    def keep(self, cache, streams, key: Hashable, step: int, sigma: float, value: torch.Tensor) -> None:
+        if self.top is None:
+            self.top = float(sigma) if sigma > 0 else 1.0
+        forget, point = self.forecaster.forgetting, (step, float(sigma))
+        phi = self.basis(sigma, self.forecaster.degree)
+        if self.observed.get(key) != point:      # streams arriving in separate calls share one Gram
+            outer = torch.outer(torch.tensor(phi, dtype=torch.float64), torch.tensor(phi, dtype=torch.float64))
+            gram = self.gram.get(key)
+            self.gram[key] = outer if gram is None else gram * forget + outer
+            self.count[key] = self.count.get(key, 0) + 1
+            self.observed[key] = point
+        fresh = tuple(s for s in streams if self.summed.get((s, key)) != point)
+        if fresh:
+            part = value
+            if len(fresh) != len(streams):
+                part = torch.cat([c for s, c in zip(streams, value.chunk(len(streams))) if s in fresh])
+            for j, weight in enumerate(phi):
+                slot = key + ("history", ("sum", j))
+                total = cache.get(fresh, slot)
+                if total is None or total.shape != part.shape:
+                    total = part * weight
+                else:           # in place: memory stays one tensor per basis function
+                    total.mul_(forget).add_(part.to(total.device), alpha=weight)
+                cache.put(fresh, slot, total)
+            for s in fresh:
+                self.summed[(s, key)] = point
+        cache.put(streams, key + ("history", "latest"), value)
+
+    def latest(self, key: Hashable):
+        return "latest" if key in self.count else None
+
+    def weights(self, key: Hashable, step: int, group: str, sigma: float) -> list[tuple[Hashable, float]]:
+        # Fewer observations than coefficients: the degree the data supports (one value: reuse).
+        degree = min(self.forecaster.degree, self.count[key] - 1)
+        gram = self.gram[key][:degree + 1, :degree + 1]
+        # The constant term is not penalised: ridge pulls towards a flat fit, not towards zero.
+        penalty = torch.ones(degree + 1, dtype=gram.dtype)
+        penalty[0] = 0.0
+        regularised = gram + torch.diag(penalty) * self.forecaster.ridge * float(gram[0, 0])
+        target = torch.tensor(self.basis(sigma, degree), dtype=torch.float64)
+        try:
+            coeffs = torch.linalg.solve(regularised, target)
+        except RuntimeError:        # ridge 0 and values at one position only: the caller reuses
+            raise ForecastError("the online fit is singular at this step") from None
+        return [(("sum", j), float(c)) for j, c in enumerate(coeffs)]
+
+
+class ForecastState:
+    """Per-run forecasting: the forecaster's memory, the sampler's damping and the per-unit guard.
+
+    The guard: at every full step, before the new value is stored, it compares what a cached step
+    would have forecast there with the value just computed, and does the same for plain reuse (the
+    latest stored value). Both squared errors decay by half at each full step; a unit whose recent
+    forecast error exceeds its recent reuse error reuses on the following cached steps, until its
+    forecasts catch up again. This is measured where it is hardest for a forecast (the farthest
+    step from the last full one), so the guard errs on the side of reuse.
+    """
+
+    def __init__(self, forecaster: Forecaster, sigmas: Sequence[float] | None = None):
+        self.forecaster = forecaster
+        self.memory = forecaster.memory(sigmas)
+        self.damping = 1.0
+        self.errors: dict[Hashable, tuple[float, float]] = {}     # unit -> recent (forecast, reuse) error
+        self.reusing: set[Hashable] = set()          # units the guard makes reuse now
+        self.ever_reused: set[Hashable] = set()
+
+    def use_sampler(self, function_name: str) -> list[str]:
+        """Adapt to the sampler of this run (its sampling function's name); notes for the run report."""
+        name = sampler_name(function_name)
+        kind = SAMPLER_KIND.get(name)
+        if not name or not self.forecaster.sampler_aware:
+            return []
+        if kind is None:
+            return [f"forecast: sampler {name!r} is not in ProCache's sampler table: forecasting as for an ODE "
+                    "sampler"]
+        self.damping = DAMPING[kind]
+        if self.damping == 0.0:
+            return [f"forecast off under {name} ({kind} sampler: fresh noise enters every step, so extrapolating "
+                    "between full steps overshoots): cached steps reuse the latest full value"]
+        if self.damping < 1.0:
+            return [f"forecast damped under {name} ({kind} sampler): cached steps keep {self.damping:g} of the "
+                    "extrapolation beyond the latest full value"]
+        return []
+
+    def store(self, cache, streams, key: Hashable, step: int, sigma: float, value: torch.Tensor) -> None:
+        """Keep a unit's freshly computed value of full step `step`."""
+        if self.forecaster.guard and self.damping > 0.0 and not self.memory.has_step(key, step):
+            self._compare(cache, streams, key, step, sigma, value)
+        self.memory.keep(cache, streams, key, step, sigma, value)
+
+    def plan(self, key: Hashable, step: int, group: str, sigma: float) -> list[tuple[Hashable, float]]:
+        """(slot, weight) pairs that forecast this unit at `step` / `sigma`."""
+        latest = self.memory.latest(key)
+        if key in self.reusing and latest is not None:
+            return [(latest, 1.0)]
+        return self._forecast(key, step, group, sigma)
+
+    def _forecast(self, key, step, group, sigma):
+        latest = self.memory.latest(key)
+        if latest is None:
+            return []
+        if self.damping == 0.0:
+            return [(latest, 1.0)]
+        try:
+            weights = self.memory.weights(key, step, group, float(sigma))
+        except ForecastError:          # two values at one noise level: fall back to the latest
+            return [(latest, 1.0)]
+        if self.damping == 1.0:
+            return weights
+        # latest + d * (forecast - latest)
+        damped = [(slot, w * self.damping) for slot, w in weights]
+        return damped + [(latest, 1.0 - self.damping)]
+
+    def _compare(self, cache, streams, key, step, sigma, value):
+        plan = self._forecast(key, step, "", sigma)
+        latest = self.memory.latest(key)
+        if not plan or plan == [(latest, 1.0)]:
+            return
+        forecast = combine(cache, streams, key, plan)
+        reuse = cache.get(streams, key + ("history", latest))
+        if forecast is None or reuse is None or forecast.shape != value.shape:
+            return
+        target = value.to(forecast.device, torch.float32)
+        reuse = reuse.to(forecast.device, torch.float32)
+        # one host sync per unit and full step
+        now = torch.stack([(forecast.float() - target).square().sum(), (reuse - target).square().sum()]).tolist()
+        before = self.errors.get(key, (0.0, 0.0))
+        recent = (0.5 * before[0] + now[0], 0.5 * before[1] + now[1])
+        self.errors[key] = recent
+        if recent[0] > recent[1]:
+            self.reusing.add(key)
+            self.ever_reused.add(key)
+        else:
+            self.reusing.discard(key)
+
+    def report(self) -> list[str]:
+        """Notes for the run report: what the guard decided."""
+        if not self.ever_reused:
+            return []
+        return [f"forecast guard: {len(self.ever_reused)} of {len(self.errors)} units reused instead of forecasting "
+                f"on some cached steps ({len(self.reusing)} at the end), where their recent forecasts missed the "
+                "computed value by more than plain reuse"]
+
+
+def combine(cache, streams, key: Hashable, plan, device=None) -> torch.Tensor | None:
+    """sum of weight * stored value over the plan's slots (None if a slot is missing)."""
+    out = None
+    for slot, weight in plan:
+        value = cache.get(streams, key + ("history", slot), device=device)
+        if value is None:
+            return None
+        out = value * weight if out is None else out.add(value, alpha=weight)
+    return out
 
 
 class ForecastFitter:

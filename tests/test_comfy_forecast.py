@@ -31,7 +31,7 @@ def _forecaster(pack, source, text=""):
 def test_all_full_with_a_forecaster_is_bit_identical(pack, family):
     mp = comfy_env.make_patcher(family)
     plain = comfy_env.sample(mp, family, steps=5, cfg=2.0, batch=2, hw=HW[family])
-    for source in ("taylor 1", "taylor 2"):
+    for source in ("taylor 1", "taylor 2", "online (chebyshev)"):
         patched = _apply(pack, mp, "11111", _forecaster(pack, source))
         assert torch.equal(comfy_env.sample(patched, family, steps=5, cfg=2.0, batch=2, hw=HW[family]), plain), source
 
@@ -41,7 +41,7 @@ def test_each_forecaster_runs_with_cfg_and_batch_two(pack, family):
     mp = comfy_env.make_patcher(family)
     full = comfy_env.sample(mp, family, steps=len(PATTERN), cfg=2.0, batch=2, hw=HW[family])
     outs = {}
-    for source in ("reuse (no forecast)", "taylor 1", "taylor 2"):
+    for source in ("reuse (no forecast)", "taylor 1", "taylor 2", "online (chebyshev)"):
         patched = _apply(pack, mp, PATTERN, _forecaster(pack, source))
         outs[source] = comfy_env.sample(patched, family, steps=len(PATTERN), cfg=2.0, batch=2, hw=HW[family])
         assert torch.isfinite(outs[source]).all()
@@ -51,6 +51,7 @@ def test_each_forecaster_runs_with_cfg_and_batch_two(pack, family):
                        outs["reuse (no forecast)"])
     assert not torch.equal(outs["taylor 1"], outs["reuse (no forecast)"])
     assert not torch.equal(outs["taylor 2"], outs["taylor 1"])
+    assert not torch.equal(outs["online (chebyshev)"], outs["reuse (no forecast)"])
     # The two images of the batch are forecast separately: they differ as the full-compute ones do.
     assert not torch.equal(outs["taylor 1"][0], outs["taylor 1"][1])
 
@@ -89,3 +90,51 @@ def test_bad_forecaster_text_is_a_clear_validation_message(pack):
     assert "empty" in node.validate_inputs("fitted (text below)", "")
     assert "not valid JSON" in node.validate_inputs("fitted (text below)", "{oops")
     assert node.validate_inputs("taylor 2", "") is True
+
+
+# ---- sampler awareness ------------------------------------------------------------------------
+def test_every_comfyui_sampler_has_a_kind_in_the_forecast_table(pack):
+    import comfy.samplers
+    from procache_comfyui.procache_core.forecast import SAMPLER_KIND
+    assert set(comfy.samplers.KSampler.SAMPLERS) - set(SAMPLER_KIND) == set()
+
+
+@pytest.mark.parametrize("family", ["pixart", "wan"])
+def test_the_run_is_told_the_sampler_and_its_report_says_what_the_forecast_did(pack, family):
+    from procache_comfyui.nodes.runtime import LAST_RUNS
+    mp = comfy_env.make_patcher(family)
+    forecaster = _forecaster(pack, "online (chebyshev)")
+    patched = _apply(pack, mp, PATTERN, forecaster)
+    reuse = _apply(pack, mp, PATTERN, None)
+    sde = comfy_env.sample(patched, family, steps=len(PATTERN), sampler="dpmpp_sde", hw=HW[family])
+    assert any("forecast off under dpmpp_sde" in n for n in LAST_RUNS.latest()["notes"])
+    assert torch.equal(sde, comfy_env.sample(reuse, family, steps=len(PATTERN), sampler="dpmpp_sde", hw=HW[family]))
+    comfy_env.sample(patched, family, steps=len(PATTERN), sampler="euler", hw=HW[family])
+    assert not any("forecast off" in n for n in LAST_RUNS.latest()["notes"])
+    # Switched off on the node, the forecast runs under the SDE sampler too.
+    raw = _apply(pack, mp, PATTERN, pack.nodes.forecaster_node.ProCacheForecaster.execute(
+        "online (chebyshev)", "", 2, 0.5, False, False).result[0])
+    assert not torch.equal(comfy_env.sample(raw, family, steps=len(PATTERN), sampler="dpmpp_sde", hw=HW[family]), sde)
+
+
+def test_under_dpmpp_sde_no_forecast_is_worse_than_plain_reuse_on_a_model_where_taylor_overshoots():
+    """The trained reference DiT under ComfyUI's own dpmpp_sde, every other step cached: Taylor and
+    the online fit without safeguards land further from full compute than reuse; with them, none."""
+    comfy_env.load_comfy()
+    from benchmarks.forecast_sampler_bench import ALTERNATING, sample
+    from benchmarks.train_reference import load_reference
+    from procache_core import parse_pattern
+    from procache_core.forecast import Online, Taylor
+    model, labels, schedule = load_reference(), torch.arange(4), parse_pattern(ALTERNATING)
+    full, _ = sample(model, labels, "dpmpp_sde", schedule.steps, 0)
+
+    def error(forecaster):
+        out, run = sample(model, labels, "dpmpp_sde", schedule.steps, 0, schedule, forecaster)
+        return float((out - full).norm() / full.norm()), run
+    reuse, _ = error(None)
+    for forecaster in (Taylor(1), Taylor(2), Online(2), Online(3)):
+        raw, _ = error(forecaster.with_safeguards(False, False))
+        guarded, run = error(forecaster)
+        assert raw > reuse * 1.05, forecaster.describe()         # the overshoot this guards against
+        assert guarded <= reuse + 1e-6, forecaster.describe()
+        assert any("forecast off under dpmpp_sde" in n for n in run.stats.notes)

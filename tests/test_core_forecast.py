@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from procache_core import Schedule, SchedulePolicy, StepKind, TokenSelector, parse_pattern
-from procache_core.forecast import (Fitted, ForecastError, ForecastFitter, ForecastState, Taylor, from_json,
+from procache_core.cache import CacheStore
+from procache_core.forecast import (Fitted, ForecastError, ForecastFitter, ForecastState, Online, Taylor, from_json,
                                     lagrange_coefficients)
 from procache_core.reference.dit import DiT, DiTConfig
 from procache_core.reference.sampling import sample
@@ -88,9 +89,9 @@ def test_fitted_json_round_trip_and_clear_errors():
 
 def test_history_ring_keeps_k_values_and_streams_share_step_slots():
     state = ForecastState(Taylor(1))
-    slots = [state.slot_for("k", step, 10.0 - step) for step in (0, 0, 3, 3, 6)]
+    slots = [state.memory.slot_for("k", step, 10.0 - step) for step in (0, 0, 3, 3, 6)]
     assert slots == [0, 0, 1, 1, 0]                 # a step seen twice (cond, then uncond) keeps its slot
-    assert [(s, slot) for s, _, slot in state.entries["k"]] == [(3, 1), (6, 0)]
+    assert [(s, slot) for s, _, slot in state.memory.entries["k"]] == [(3, 1), (6, 0)]
     plan = state.plan("k", 7, "mlp", 3.0)
     assert [slot for slot, _ in plan] == [1, 0] and sum(w for _, w in plan) == pytest.approx(1.0)
 
@@ -133,19 +134,25 @@ def test_order_zero_equals_plain_reuse_and_order_one_changes_the_result():
     assert run.cache.nbytes == 0                    # freed at the end of the run
 
 
-def test_memory_stays_bounded_by_history(monkeypatch):
+@pytest.fixture
+def held_history(monkeypatch):
+    """The number of stored history tensors of each run just before they are freed."""
     from procache_core.engine import Run
     held = []
     close = Run.close
 
-    def counting_close(self):          # count the stored history tensors just before they are freed
+    def counting_close(self):
         held.append(sum(1 for (_, key) in self.cache._parts if "history" in key))
         return close(self)
     monkeypatch.setattr(Run, "close", counting_close)
+    return held
+
+
+def test_memory_stays_bounded_by_history(held_history):
     forecaster = Taylor(2)
     _run(_model(), "1" * 14, forecaster=forecaster)
     blocks, branches, streams = 4, 2, 2              # reference DiT: attention and MLP branches
-    assert held == [blocks * branches * streams * forecaster.history]
+    assert held_history == [blocks * branches * streams * forecaster.history]
 
 
 def test_selective_steps_overwrite_the_forecast_for_recomputed_tokens():
@@ -159,3 +166,154 @@ def test_selective_steps_overwrite_the_forecast_for_recomputed_tokens():
                        selector=selector)
     # Order 0 plus corrections is exactly the plain cache updated in place by selective steps.
     torch.testing.assert_close(with_sel, plain_sel, rtol=0, atol=1e-6)
+
+
+# ---- the online forecaster --------------------------------------------------------------------
+SIGMAS = [1.0, 0.9, 0.75, 0.6, 0.45, 0.3, 0.2, 0.1, 0.0]
+
+
+def _stored_forecast(state, cache, streams, key, step, sigma):
+    from procache_core.forecast import combine
+    return combine(cache, streams, key, state.plan(key, step, "mlp", sigma))
+
+
+def test_chebyshev_basis_values():
+    from procache_core.forecast import chebyshev
+    x = 0.3
+    assert chebyshev(x, 3) == pytest.approx([1.0, x, 2 * x * x - 1, 4 * x ** 3 - 3 * x])
+    assert chebyshev(-0.7, 1) == [1.0, -0.7]
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_online_fit_is_exact_for_polynomials_of_its_degree_in_step_position(degree):
+    gen = torch.Generator().manual_seed(degree)
+    coeffs = torch.randn(degree + 1, 2, 4, 3, generator=gen)
+    state = ForecastState(Online(degree, forgetting=0.7, ridge=0.0), SIGMAS)
+    position = state.memory.position
+
+    def trajectory(sigma):
+        x = position(sigma)
+        return sum(c * x ** p for p, c in enumerate(coeffs))
+
+    cache, streams, key = CacheStore(), ("c", "u"), (0, "mlp")
+    full_steps = [0, 1, 3, 4, 6]
+    for step in full_steps:
+        state.store(cache, streams, key, step, SIGMAS[step], trajectory(SIGMAS[step]))
+    for step in (5, 7):
+        torch.testing.assert_close(_stored_forecast(state, cache, streams, key, step, SIGMAS[step]),
+                                   trajectory(SIGMAS[step]), rtol=1e-4, atol=1e-4)
+    # A second evaluation inside a step (sigma between two schedule entries) is placed in between.
+    assert position(0.675) == pytest.approx((position(0.75) + position(0.6)) / 2)
+    # Constant memory: degree + 1 sums and the latest value per stream, however many full steps.
+    assert len(cache) == len(streams) * (degree + 2)
+
+
+def test_online_with_one_value_is_plain_reuse_and_streams_apart_match_streams_together():
+    gen = torch.Generator().manual_seed(0)
+    values = {step: torch.randn(2, 5, 3, generator=gen) for step in (0, 2, 3)}
+    together, apart = ForecastState(Online(2)), ForecastState(Online(2))
+    cache_t, cache_a, key = CacheStore(), CacheStore(), (1, "attn")
+    for i, step in enumerate((0, 2, 3)):
+        together.store(cache_t, ("c", "u"), key, step, SIGMAS[step], values[step])
+        cond, uncond = values[step].chunk(2)
+        apart.store(cache_a, ("u",), key, step, SIGMAS[step], uncond)
+        apart.store(cache_a, ("c",), key, step, SIGMAS[step], cond)
+        apart.store(cache_a, ("c",), key, step, SIGMAS[step], cond)        # a repeated call adds nothing
+        if i == 0:
+            torch.testing.assert_close(_stored_forecast(together, cache_t, ("c", "u"), key, 1, SIGMAS[1]),
+                                       values[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(_stored_forecast(together, cache_t, ("c", "u"), key, 4, SIGMAS[4]),
+                               _stored_forecast(apart, cache_a, ("c", "u"), key, 4, SIGMAS[4]), rtol=1e-5, atol=1e-6)
+
+
+def test_online_json_round_trip_and_bad_settings():
+    back = from_json(Online(3, 0.25, 1e-2).to_json())
+    assert isinstance(back, Online) and (back.degree, back.forgetting, back.ridge) == (3, 0.25, 1e-2)
+    for kwargs, message in [({"degree": 0}, "degree must be"), ({"degree": 9}, "degree must be"),
+                            ({"forgetting": 0.0}, "forgetting must be"), ({"forgetting": 1.5}, "forgetting must be"),
+                            ({"ridge": -1.0}, "ridge must be")]:
+        with pytest.raises(ForecastError, match=message):
+            Online(**kwargs)
+    with pytest.raises(ForecastError, match="online"):
+        from_json('{"format": "procache.forecaster", "version": 1, "kind": "online", "degree": "x"}')
+    # Without ridge, two values at one position leave the fit singular: the unit reuses its latest value.
+    state, cache = ForecastState(Online(1, ridge=0.0)), CacheStore()
+    state.store(cache, ("c",), ("k",), 0, 0.5, torch.ones(1, 2))
+    state.store(cache, ("c",), ("k",), 1, 0.5, torch.zeros(1, 2))
+    assert state.plan(("k",), 2, "mlp", 0.25) == [("latest", 1.0)]
+
+
+def test_online_forecaster_in_the_engine_differs_from_reuse_and_holds_degree_plus_two_tensors(held_history):
+    model = _model()
+    pattern = "11010101011011"
+    reuse, _ = _run(model, pattern)
+    online, run = _run(model, pattern, forecaster=Online(3))
+    assert torch.isfinite(online).all() and (online - reuse).abs().max() > 1e-4
+    assert run.cache.nbytes == 0
+    blocks, branches, streams = 4, 2, 2
+    assert held_history[-1] == blocks * branches * streams * (3 + 2)       # 4 sums and the latest value, 9 full steps
+    all_full, _ = _run(model, "1" * 8, forecaster=Online(2))
+    assert torch.equal(all_full, sample(model, LABELS, steps=8, cfg=2.0, seed=3))
+
+
+# ---- sampler awareness and the per-unit guard -------------------------------------------------
+def test_sampler_table_damps_or_switches_off_extrapolation_and_says_so():
+    from procache_core.forecast import DAMPING, SAMPLER_KIND, sampler_name
+    assert sampler_name("sample_dpmpp_sde") == "dpmpp_sde" and sampler_name("sample_unipc") == "uni_pc"
+    assert sampler_name("dpm_adaptive_function") == "dpm_adaptive"
+    for function, kind in [("sample_euler", "ode"), ("sample_dpmpp_2m", "multistep"),
+                           ("sample_unipc_bh2", "multistep"), ("sample_dpmpp_sde", "sde"), ("sample_er_sde", "sde"),
+                           ("sample_euler_ancestral", "ancestral")]:
+        assert SAMPLER_KIND[sampler_name(function)] == kind
+        state = ForecastState(Taylor(1))
+        notes = state.use_sampler(function)
+        assert state.damping == DAMPING[kind]
+        assert bool(notes) == (DAMPING[kind] < 1.0)
+    state = ForecastState(Online(2))
+    assert "forecast off under dpmpp_sde" in state.use_sampler("sample_dpmpp_sde")[0]
+    _cache = CacheStore()
+    state.memory.keep(_cache, ("c",), ("k",), 0, 1.0, torch.ones(1, 2, 2))
+    state.memory.keep(_cache, ("c",), ("k",), 1, 0.5, torch.zeros(1, 2, 2))
+    assert state.plan(("k",), 2, "mlp", 0.25) == [("latest", 1.0)]          # off: plain reuse of the latest
+    state.damping = 0.5
+    damped = _stored_forecast(state, _cache, ("c",), ("k",), 2, 0.25)
+    state.damping = 1.0
+    undamped = _stored_forecast(state, _cache, ("c",), ("k",), 2, 0.25)
+    torch.testing.assert_close(damped, undamped * 0.5)                     # latest + 0.5 (forecast - latest)
+    unknown = ForecastState(Taylor(1))
+    assert "not in ProCache's sampler table" in unknown.use_sampler("sample_my_own")[0] and unknown.damping == 1.0
+    off = ForecastState(Taylor(1).with_safeguards(True, sampler_aware=False))
+    assert off.use_sampler("sample_dpmpp_sde") == [] and off.damping == 1.0
+
+
+NOISY, LINEAR = ("noisy",), ("linear",)
+
+
+def test_guard_makes_a_unit_whose_forecasts_miss_more_than_reuse_reuse():
+    state, cache, streams = ForecastState(Taylor(1)), CacheStore(), ("c",)
+    gen = torch.Generator().manual_seed(0)
+    noisy = [torch.randn(1, 4, 4, generator=gen) for _ in range(5)]           # no trend: extrapolation overshoots
+    linear = [torch.full((1, 4, 4), 1.0 - 0.1 * step) for step in range(5)]   # a trend Taylor 1 follows exactly
+    for step in range(5):
+        state.store(cache, streams, NOISY, step, SIGMAS[step], noisy[step])
+        state.store(cache, streams, LINEAR, step, 1.0 - 0.1 * step, linear[step])
+    assert state.reusing == {NOISY}
+    latest = state.memory.latest(NOISY)
+    assert state.plan(NOISY, 5, "mlp", SIGMAS[5]) == [(latest, 1.0)]
+    assert len(state.plan(LINEAR, 5, "mlp", 0.5)) == 2
+    assert "1 of 2 units reused" in state.report()[0]
+    # Forecasts that catch up again (the noisy unit turns linear) bring the unit back.
+    for step in range(5, 14):
+        state.store(cache, streams, NOISY, step, 1.0 - 0.1 * step, torch.full((1, 4, 4), 5.0 - 0.5 * step))
+    assert state.reusing == set() and len(state.plan(NOISY, 14, "mlp", -0.4)) == 2
+    unguarded = ForecastState(Taylor(1).with_safeguards(False, True))
+    for step in range(5):
+        unguarded.store(cache, streams, NOISY, step, SIGMAS[step], noisy[step])
+    assert unguarded.reusing == set() and unguarded.report() == []
+
+
+def test_a_second_evaluation_of_a_full_step_is_labelled_with_its_own_noise_level():
+    state = ForecastState(Taylor(1))
+    state.memory.slot_for("k", 0, 1.0)
+    state.memory.slot_for("k", 0, 0.95)          # dpmpp_sde / heun: the step's later model call
+    assert state.memory.entries["k"] == [(0, 0.95, 0)]
