@@ -75,3 +75,36 @@ def test_census_bytes_follow_the_image_tokens(bench, name):
     branch = "img_attn" if name.startswith("FLUX") else next(iter(small.values[0]))
     assert large.values[0][branch] == 4 * small.values[0][branch]
     assert large.residual == 4 * small.residual and large.model == 4 * small.model
+
+
+def test_flux_keeps_attention_outputs_only_where_selective_steps_recompute(bench):
+    """The single blocks' kept attention output (read back by selective steps only) is a
+    hidden-wide copy, stored in the deep blocks and only when the schedule has selective steps."""
+    from procache_core import TokenSelector, parse_pattern
+    model, size = _tiny(bench, "FLUX.1-dev")
+    diffusion_model = model.build("meta")
+    hidden, text = model.unet_config["hidden_size"], model.text
+    tokens = (size[0] // 16) * (size[1] // 16) + text            # single blocks run image and text jointly
+    first_single = model.unet_config["depth"]
+    with bench.pytorch_attention(), torch.no_grad():
+        plain = bench.take_census(model, diffusion_model, size, parse_pattern("1,0,1,0,1,1"))
+        selective = bench.take_census(model, diffusion_model, size, parse_pattern("1,0,2,0,1,2"))
+    assert not plain.extras
+    last = plain.num_blocks - 1
+    assert last in selective.extras and first_single not in selective.extras
+    assert selective.values[last]["fused"] == tokens * hidden * 2      # bf16
+    staleness = tokens * 4 if TokenSelector().tracks_staleness else 0
+    reference = tokens * hidden * 2 if TokenSelector().needs_reference else 0
+    assert selective.extras[last] == tokens * hidden * 2 + staleness + reference
+
+
+def test_ladder_without_deep_blocks_goes_from_finest_to_coarsest(bench):
+    """A schedule without selective steps has no deep blocks: the rung that keeps one block at
+    branch level comes before the spans that keep none."""
+    model, size = _tiny(bench, "FLUX.1-dev")
+    diffusion_model = model.build("meta")
+    with bench.pytorch_attention(), torch.no_grad():
+        census = bench.take_census(model, diffusion_model, size, bench.library("procache-dit-50-17full", 10))
+    from procache_core import memory
+    kept = [len(r.branch_blocks) for r in memory.ladder(census, [])[1:-1]]
+    assert kept == sorted(kept, reverse=True) and kept[0] == 1 and kept[-1] == 0
