@@ -365,9 +365,9 @@ def issue_table(results: list[Plans]) -> list[str]:
         values = sum(sum(v.values()) for v in p.census.values.values())
         plain, taylor = p.rung_bytes("plain")["branch"], p.rung_bytes("taylor2")["branch"]
         extras = plain - values
-        why = (f"+{extras / GIB:.2f} GiB stored once per block (selection references, staleness of the deep blocks' "
-               f"refreshed branches); Taylor 2 = 3 x values + that + {(taylor - 3 * values - extras) / GIB:.2f} GiB of "
-               "selective-step offsets")
+        why = (f"+{extras / GIB:.2f} GiB kept once per block for selective steps (the deep blocks' kept inputs, "
+               f"selection references, staleness); Taylor 2: 3 x values + that + "
+               f"{(taylor - 3 * values - extras) / GIB:.2f} GiB of selective-step offsets")
         lines.append(f"| {p.label} | {expected:.1f} | {values / GIB:.2f} | {plain / GIB:.2f} | {taylor / GIB:.2f} | "
                      f"{why} |")
     return lines
@@ -426,8 +426,9 @@ def report(result: dict, command: str, version: str, seconds: float) -> str:
         f"## The auto budget's pick ({memory.AUTO_SHARE:.0%} of the free memory at run start)", "",
         *picks_table(cases), "",
         "## Against the issue's estimate of branch level", "",
-        "The estimate counts one value per branch, block and stream; the census also counts what is stored once "
-        "per block for selective steps.", "", *issue_table(cases), "",
+        "The estimate counts one value per branch, block and stream; the census also counts what selective steps "
+        "keep: once per deep block (FLUX: the single blocks' attention outputs, since selective steps recompute only "
+        "the MLP half of the fused linear), and with forecasting one offset per refreshed branch.", "", *issue_table(cases), "",
         "## Shipped workflows at 24 GiB free (auto budget, their own schedule, plain reuse)", "",
         *workflow_table(result["workflows"]), ""]
     return "\n".join(parts)
