@@ -507,10 +507,10 @@ class _Call:
         self._remember(key, out)
         if run.eoc is not None:
             run.eoc.filled(self.streams, key, self.schedule_step)
-        if branch.keep_inputs is not None and inputs:
+        deep = self._refreshes(branch) and run.policy.refreshes(index, self._num_blocks)
+        if deep and branch.keep_inputs is not None and inputs:     # only selective steps read them
             for name, value in branch.keep_inputs(block, inputs).items():
                 run.cache.put(self.streams, key + (name,), value)
-        deep = self._refreshes(branch) and run.policy.refreshes(index, self._num_blocks)
         if not deep or not out.ndim >= 3:
             return
         if run.recording is not None:       # a census: selective steps keep an offset per refreshed branch

@@ -221,10 +221,9 @@ def ladder(census: Census, deep_blocks: Iterable[int] = ()) -> list[Rung]:
     fixed = frozenset(range(n)) - spannable          # blocks that can only be cached per branch
     deep = [b for b in sorted(set(deep_blocks), reverse=True) if b in spannable]
     order = deep + [b for b in range(n - 1, -1, -1) if b in spannable and b not in deep]
-    counts = []
-    for keep in (len(deep), *[len(deep) >> s for s in range(1, 8)], 1, 0):
-        if 0 <= keep < len(order) and keep not in counts:
-            counts.append(keep)
+    # most blocks at branch level first (without deep blocks, 1 comes after 0 in the tuple)
+    counts = sorted({keep for keep in (len(deep), *[len(deep) >> s for s in range(1, 8)], 1, 0)
+                     if 0 <= keep < len(order)}, reverse=True)
     rungs = [BRANCH_LEVEL]
     longest = max(last - first for first, last in census.stacks) + 1
     lengths = [1]

@@ -109,7 +109,7 @@ def test_budget_walks_the_ladder_finest_first(pack, runs):
 
 def test_spans_keep_the_deep_blocks_at_branch_level_for_selective_steps(pack, runs):
     mp = comfy_env.make_patcher("flux", size="small")
-    comfy_env.sample(_apply(pack, mp, "24 residuals"), "flux")
+    comfy_env.sample(_apply(pack, mp, "16 residuals"), "flux")
     run = runs[-1]
     assert run.plan.rung.kind == "mixed", run.plan.text()
     deep = {b for b in range(run.census.num_blocks) if run.policy.refreshes(b, run.census.num_blocks)}

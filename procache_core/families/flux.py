@@ -85,7 +85,8 @@ def single_block_reuse(block, branch, x, vec, pe=None, attn_mask=None, modulatio
 
 
 def _keep_attention_output(block, args):
-    return {"attn_out": args[0][..., :block.hidden_size]}
+    # a copy: the slice alone would keep linear2's whole input (attention + MLP, 5x wider) alive
+    return {"attn_out": args[0][..., :block.hidden_size].contiguous()}
 
 
 def _arg(args, kwargs, name, position):
