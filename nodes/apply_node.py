@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..procache_core import Schedule, ScheduleError, TokenSelector
-from ..procache_core.memory import AUTO_SHARE, Budget, BudgetError
+from ..procache_core.memory import AUTO_SHARE, PRECISIONS, Budget, BudgetError
 from .eoc_node import EOC
 from .forecaster_node import FORECASTER
 from .runtime import ApplyConfig, attach, describe_model, double_caching_warning
@@ -45,6 +45,12 @@ class ProCacheApply(io.ComfyNode):
                                         "as the step-skipping caches keep) or unlimited. Where caching every "
                                         "branch does not fit, the deepest blocks keep their branches and the "
                                         "others share residuals over spans of blocks; the report says which."),
+                io.Combo.Input("cache_precision", options=list(PRECISIONS), default="model dtype", optional=True,
+                               tooltip="How cached values are stored. model dtype: exactly as computed. 8-bit when "
+                                       "needed: where the budget would otherwise force a coarser granularity, "
+                                       "try the same one in 8 bits first (int8 codes with a scale per token: about "
+                                       "half the bytes of bf16, a few hundredths of a dB on the reference DiT). "
+                                       "int8 / fp8: always 8 bits."),
                 SELECTOR.Input("selector", optional=True,
                                tooltip="From Token Importance Selector: which tokens selective steps recompute. "
                                        "Without it, selective steps refresh 10% of the tokens of the deepest 25% of blocks, by output norm."),
@@ -72,8 +78,8 @@ class ProCacheApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
-                memory_budget: str = "auto", selector: SelectorConfig | None = None, forecaster=None,
-                eoc=None) -> io.NodeOutput:
+                memory_budget: str = "auto", cache_precision: str = "model dtype",
+                selector: SelectorConfig | None = None, forecaster=None, eoc=None) -> io.NodeOutput:
         if not isinstance(schedule, Schedule):     # a node of another pack on a loosely typed link
             raise ScheduleError(f"the schedule input got {type(schedule).__name__}: connect ProCache Schedule Loader")
         if start_percent > end_percent:
@@ -86,7 +92,8 @@ class ProCacheApply(io.ComfyNode):
         config = ApplyConfig(schedule=schedule, start_percent=start_percent, end_percent=end_percent,
                              force_last_full=force_last_full, selector=selector.tokens,
                              deep_fraction=selector.deep_fraction, cache_on_cpu=cache_on_cpu,
-                             forecaster=forecaster, eoc=eoc, budget=budget)
+                             forecaster=forecaster, eoc=eoc, budget=budget,
+                             cache_precision=cache_precision if cache_precision in PRECISIONS else "model dtype")
         mode, sentence = describe_model(model)
         if mode == "none":
             log.warning("ProCache: %s", sentence)

@@ -26,7 +26,7 @@ from comfy_api.latest import io
 from . import events
 from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
 from ..procache_core.families import is_unet
-from ..procache_core.memory import Budget, format_bytes
+from ..procache_core.memory import PRECISIONS, Budget, format_bytes
 
 log = logging.getLogger("procache")
 
@@ -51,6 +51,7 @@ class ApplyConfig:
     recorder: object = None        # a ForecastFitter during calibration runs (shared, not copied)
     eoc: object = None             # procache_core.eoc.Correction; None: reused values are not corrected
     budget: Budget | None = None    # the cache's memory budget (memory.py; None: no plan); Apply's default is auto
+    cache_precision: str = "model dtype"    # a key of memory.PRECISIONS: where the ladder may store 8-bit codes
 
 
 class LastRuns:
@@ -258,6 +259,7 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
     for note in notes:
         log.info("ProCache: %s", note)
     run.budget = config.budget
+    run.cache_precision = config.cache_precision
     run.planning = config.budget is not None and config.recorder is None
     return run
 
@@ -279,7 +281,9 @@ def plan_cache(run: Run, diffusion_model, sigma: float, streams, call_model) -> 
     if run.budget.kind == "auto":
         free = comfy.model_management.get_free_memory(device)
     expected = max(getattr(run, "expected_streams", None) or 0, len(streams))
-    plan = run.make_plan(census, run.budget, free, str(device), streams=expected)
+    quantize, quantize_all = PRECISIONS[run.cache_precision]
+    plan = run.make_plan(census, run.budget, free, str(device), streams=expected, quantize=quantize,
+                         quantize_all=quantize_all)
     message = f"cache plan: {plan.text()}"
     if run.budget.kind == "auto" and free is not None:
         message += f" [auto: {round(memory_share() * 100)}% of {format_bytes(free)} free]"

@@ -168,10 +168,17 @@ class CacheStore:
         if whole is not None and any(s in whole[0] for s in streams):
             del self._whole[key]
 
-    def items(self) -> list[tuple[Hashable, int]]:
-        """(key, bytes held) of every entry as last stored, all its streams together (the census)."""
-        return [(key, sum(t.untyped_storage().nbytes() for t in whole[1].tensors()))
-                for key, whole in self._whole.items()]
+    def items(self) -> list[tuple[Hashable, int, int]]:
+        """(key, bytes held, bytes an 8-bit store would hold) of every entry as last stored, all
+        its streams together (the census of a cache plan)."""
+        out = []
+        for key, whole in self._whole.items():
+            entry = whole[1]
+            held = sum(t.untyped_storage().nbytes() for t in entry.tensors())
+            eight_bit = held if entry.scale is not None else \
+                self.entry_nbytes(entry.data.shape, entry.data.dtype, "int8")
+            out.append((key, held, eight_bit))
+        return out
 
     def clear(self) -> None:
         self._parts.clear()

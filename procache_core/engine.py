@@ -83,6 +83,7 @@ class Run:
         self.span_clones: dict[tuple[int, int], bool] = {}   # span -> its first block changes inputs in place
         self.census: Census | None = None           # what a full step stores (make_plan)
         self.recording: Census | None = None        # set on the scout run that takes a census
+        self.quantize_options: tuple = (None, False)  # 8-bit format the ladder may use, for every rung
 
     # ---- the sampler's side ------------------------------------------------------------------
     def sampler_callback(self, user_callback: Callable | None,
@@ -180,28 +181,41 @@ class Run:
             for handle in handles:
                 handle.remove()
             census.__dict__.pop("inputs", None)
-        for key, size in scout.cache.items():
+        for key, size, size8 in scout.cache.items():
             if key[0] == "model" or not isinstance(key[0], int):
                 continue
             index, name, *rest = key
             if not rest or rest[0] == "history":
                 census.values.setdefault(index, {})[name] = size
+                census.eight_bit.values.setdefault(index, {})[name] = size8
             else:       # selection references, staleness, attention scores, kept inputs
                 census.extras[index] = census.extras.get(index, 0) + size
+                census.eight_bit.extras[index] = census.eight_bit.extras.get(index, 0) + size8
         return census
 
     def make_plan(self, census: Census, budget: Budget, free_bytes: int | None, device: str,
-                  streams: int | None = None) -> CachePlan:
-        """Choose the finest rung that fits `budget` for `streams` CFG streams and use it."""
+                  streams: int | None = None, quantize: str | None = None, quantize_all: bool = False) -> CachePlan:
+        """Choose the finest rung that fits `budget` for `streams` CFG streams and use it.
+        quantize: an 8-bit format the ladder may use (after each granularity in full precision,
+        or for every rung with quantize_all)."""
+        self.quantize_options = (quantize, quantize_all)
         census = census.per_stream(streams or census.streams)
         limit = budget.limit(free_bytes, census.residual, census.streams)
         deep = [b for b in range(census.num_blocks) if self.policy.refreshes(b, census.num_blocks)] \
             if self.family is not None else []
         if self.family is None:         # no branches to keep: the model-level residual is the only rung
             census = dataclasses.replace(census, stacks=[], values={}, carry={})
-        plan = choose(census, limit, device, phases=self.phases, deep_blocks=deep)
-        self.census, self.plan, self.rung = census, plan, plan.rung
+        plan = choose(census, limit, device, phases=self.phases, deep_blocks=deep, quantize=quantize,
+                      quantize_all=quantize_all)
+        self.census, self.plan = census, plan
+        self._use_rung(plan.rung)
         return plan
+
+    def _use_rung(self, rung: Rung) -> None:
+        self.rung = rung
+        if self.cache.quantize != rung.quantize:    # before anything is stored, or after a clear
+            self.cache.clear()
+            self.cache = CacheStore(self.cache.device, quantize=rung.quantize)
 
     def coarsen(self, why: str) -> CachePlan | None:
         """Free the cache and move the rest of the run to the next coarser rung (after an
@@ -214,13 +228,15 @@ class Run:
             self.rung = MODEL_LEVEL
             return None
         deep = [b for b in range(census.num_blocks) if self.policy.refreshes(b, census.num_blocks)]
-        rungs = ladder(census, deep)
-        rung = rungs[rungs.index(self.rung) + 1] if self.rung in rungs[:-1] else MODEL_LEVEL
+        rungs = ladder(census, deep, *self.quantize_options)
+        rung = rungs[rungs.index(self.rung) + 1] if self.rung in rungs[:-1] else rungs[-1]
+        if rung == self.rung:
+            return None
         previous = self.plan
         self.plan = CachePlan(rung, planned_bytes(census, rung, self.phases),
                               previous.budget if previous else None, previous.device if previous else "?",
                               census.num_blocks, previous.considered if previous else [], reason=why)
-        self.rung = rung
+        self._use_rung(rung)
         return self.plan
 
     def branch_cost(self, block: nn.Module, branch: Branch, rows: int) -> float:
@@ -514,7 +530,10 @@ class _Call:
         if not deep or not out.ndim >= 3:
             return
         if run.recording is not None:       # a census: selective steps keep an offset per refreshed branch
-            run.recording.corrections[index] = run.recording.corrections.get(index, 0) + out.numel() * out.element_size()
+            census = run.recording
+            census.corrections[index] = census.corrections.get(index, 0) + out.numel() * out.element_size()
+            census.eight_bit.corrections[index] = census.eight_bit.corrections.get(index, 0) + \
+                CacheStore.entry_nbytes(out.shape, out.dtype, "int8")
         if run.selector.needs_reference and tokens is not None:
             # a copy: some blocks (LTXV, Flux) add into their residual stream in place after the branch
             run.cache.put(self.streams, key + ("reference",), tokens().clone())
@@ -662,11 +681,12 @@ def _census_carry(census: Census, index: int):
         args, kwargs = census.inputs.pop(index, (args, kwargs))
         carry = carry_map(args, kwargs, output)
         if carry is None:
-            census.carry[index] = None
+            census.carry[index] = census.eight_bit.carry[index] = None
             return
         outs = output if carry[0] else (output,)
         sizes = [(o - _input_at(loc, args, kwargs)).to(o.dtype) for o, loc in zip(outs, carry[1]) if loc is not None]
         census.carry[index] = sum(t.numel() * t.element_size() for t in sizes)
+        census.eight_bit.carry[index] = sum(CacheStore.entry_nbytes(t.shape, t.dtype, "int8") for t in sizes)
         if index == 0:
             census.residual = max(t.numel() * t.element_size() for t in sizes) // max(census.streams, 1)
     return hook
@@ -679,6 +699,7 @@ def _census_model(census: Census):
         if torch.is_tensor(output) and output.shape[0] == x.shape[0] and output.shape[1] <= x.shape[1]:
             residual = output - x[:, :output.shape[1]]
             census.model = residual.numel() * residual.element_size()
+            census.eight_bit.model = CacheStore.entry_nbytes(residual.shape, residual.dtype, "int8")
         if not census.residual:
             census.residual = census.model // max(census.streams, 1)
     return hook

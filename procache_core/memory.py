@@ -100,6 +100,17 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 @dataclasses.dataclass
+class Sizes:
+    """The byte tables of a census as an 8-bit store would hold them (codes plus a scale per token)."""
+
+    values: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)
+    extras: dict[int, int] = dataclasses.field(default_factory=dict)
+    corrections: dict[int, int] = dataclasses.field(default_factory=dict)
+    carry: dict[int, int | None] = dataclasses.field(default_factory=dict)
+    model: int = 0
+
+
+@dataclasses.dataclass
 class Census:
     """What one full step of this run stores, block by block, for the streams of one call.
 
@@ -124,6 +135,7 @@ class Census:
     stacks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     model: int = 0
     residual: int = 0
+    eight_bit: Sizes = dataclasses.field(default_factory=Sizes)
 
     @property
     def num_blocks(self) -> int:
@@ -135,12 +147,14 @@ class Census:
         if streams == self.streams:
             return self
         scale = lambda n: None if n is None else n * streams // self.streams  # noqa: E731
-        return Census(streams=streams,
-                      values={b: {k: scale(v) for k, v in d.items()} for b, d in self.values.items()},
-                      extras={b: scale(v) for b, v in self.extras.items()},
-                      corrections={b: scale(v) for b, v in self.corrections.items()},
-                      carry={b: scale(v) for b, v in self.carry.items()}, stacks=list(self.stacks),
-                      model=scale(self.model), residual=self.residual)
+
+        def scaled(sizes):
+            return dict(values={b: {k: scale(v) for k, v in d.items()} for b, d in sizes.values.items()},
+                        extras={b: scale(v) for b, v in sizes.extras.items()},
+                        corrections={b: scale(v) for b, v in sizes.corrections.items()},
+                        carry={b: scale(v) for b, v in sizes.carry.items()}, model=scale(sizes.model))
+        return Census(streams=streams, stacks=list(self.stacks), residual=self.residual,
+                      eight_bit=Sizes(**scaled(self.eight_bit)), **scaled(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +165,7 @@ class Rung:
     branch_blocks: frozenset = frozenset()
     spans: tuple[tuple[int, int], ...] = ()
     model_level: bool = False
+    quantize: str | None = None         # "int8" / "fp8": the store keeps 8-bit codes (cache.py)
 
     @property
     def kind(self) -> str:
@@ -167,6 +182,10 @@ class Rung:
         return None
 
     def describe(self, num_blocks: int) -> str:
+        text = self._granularity(num_blocks)
+        return f"{text}, 8-bit ({self.quantize})" if self.quantize else text
+
+    def _granularity(self, num_blocks: int) -> str:
         if self.model_level:
             return "one model-level residual"
         if not self.spans:
@@ -193,20 +212,22 @@ def planned_bytes(census: Census, rung: Rung, phases: Phases = ((1, False),)) ->
     are held (forecasting runs keep them until the next full step drops them). Entries stored
     once (selection references, staleness, scores) are there from the first full step on.
     """
+    sizes = census.eight_bit if rung.quantize else census
     if rung.model_level:
-        return census.model * max(slots for slots, _ in phases)
+        return sizes.model * max(slots for slots, _ in phases)
     values = extras = corrections = 0
     for first, last in rung.spans:
-        values += census.carry.get(last) or 0
+        values += sizes.carry.get(last) or 0
     for block in range(census.num_blocks):
         if block in rung.branch_blocks or (not rung.spans and block in census.values):
-            values += sum(census.values.get(block, {}).values())
-            extras += census.extras.get(block, 0)
-            corrections += census.corrections.get(block, 0)
+            values += sum(sizes.values.get(block, {}).values())
+            extras += sizes.extras.get(block, 0)
+            corrections += sizes.corrections.get(block, 0)
     return max(slots * values + (corrections if held else 0) for slots, held in phases) + extras
 
 
-def ladder(census: Census, deep_blocks: Iterable[int] = ()) -> list[Rung]:
+def ladder(census: Census, deep_blocks: Iterable[int] = (), quantize: str | None = None,
+           quantize_all: bool = False) -> list[Rung]:
     """The rungs from finest to coarsest that this census allows.
 
     Blocks keep their branches deepest first (the deep blocks refresh tokens on selective steps and
@@ -240,7 +261,13 @@ def ladder(census: Census, deep_blocks: Iterable[int] = ()) -> list[Rung]:
     for r in rungs:
         if r not in unique:
             unique.append(r)
-    return unique
+    if quantize is None:
+        return unique
+    if quantize_all:
+        return [dataclasses.replace(r, quantize=quantize) for r in unique]
+    # 8-bit when needed: each granularity first as it is, then in 8 bits (a few hundredths of a dB,
+    # cheaper in quality than the next coarser granularity)
+    return [q for r in unique for q in (r, dataclasses.replace(r, quantize=quantize))]
 
 
 def _spans(stacks, branch_blocks, k: int) -> tuple[tuple[int, int], ...]:
@@ -288,12 +315,14 @@ class CachePlan:
 
 
 def choose(census: Census, budget: int | None, device: str, *, phases: Phases = ((1, False),),
-           deep_blocks: Iterable[int] = (), coarser_than: Rung | None = None) -> CachePlan:
-    """The finest rung whose plan fits `budget` (None: branch level everywhere).
+           deep_blocks: Iterable[int] = (), coarser_than: Rung | None = None, quantize: str | None = None,
+           quantize_all: bool = False) -> CachePlan:
+    """The finest rung whose plan fits `budget` (None: the finest rung).
 
     coarser_than: only rungs after this one (a run that ran out of memory moves down the ladder).
+    quantize / quantize_all: 8-bit rungs after each granularity, or every rung in 8 bits.
     """
-    rungs = ladder(census, deep_blocks)
+    rungs = ladder(census, deep_blocks, quantize, quantize_all)
     if coarser_than is not None and coarser_than in rungs:
         rungs = rungs[rungs.index(coarser_than) + 1:]
     considered = []
@@ -308,6 +337,15 @@ def choose(census: Census, budget: int | None, device: str, *, phases: Phases = 
     size = planned_bytes(census, rung, phases)
     return CachePlan(rung, size, budget, device, census.num_blocks, considered,
                      reason="even this exceeds the budget; it is the smallest cache there is")
+
+
+# The cache precision choices of ProCache Apply: (8-bit format the ladder may use, for every rung).
+PRECISIONS = {
+    "model dtype": (None, False),
+    "8-bit when needed": ("int8", False),
+    "int8": ("int8", True),
+    "fp8": ("fp8", True),
+}
 
 
 @contextlib.contextmanager

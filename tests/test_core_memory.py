@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from procache_core import Schedule, SchedulePolicy, TokenSelector
-from procache_core.forecast import Taylor
+from procache_core.forecast import Online, Taylor
 from procache_core.memory import (GIB, BRANCH_LEVEL, MODEL_LEVEL, Budget, BudgetError, Census, Rung, choose, ladder,
                                   planned_bytes)
 from procache_core.reference.dit import DiT, DiTConfig
@@ -93,15 +93,21 @@ def test_choose_takes_the_finest_rung_that_fits_and_history_multiplies_values():
     assert tight.rung == MODEL_LEVEL and "exceeds the budget" in tight.text()
 
 
-@pytest.mark.parametrize("forecaster", [None, Taylor(1), Taylor(2)])
+@pytest.mark.parametrize("precision", ["model dtype", "8-bit when needed", "fp8"])
+@pytest.mark.parametrize("forecaster", [None, Taylor(1), Taylor(2), Online(2)])
 @pytest.mark.parametrize("budget", ["unlimited", "12 residuals", "6 residuals", "3 residuals", "1 residuals", "minimal"])
-def test_plan_equals_the_measured_peak_of_the_cache_store(model, budget, forecaster):
+def test_plan_equals_the_measured_peak_of_the_cache_store(model, budget, forecaster, precision):
+    if precision != "model dtype" and budget not in ("unlimited", "6 residuals", "1 residuals"):
+        pytest.skip("8-bit rungs: three budgets are enough")
     selector = TokenSelector(ratio=0.25, score="attention_received", staleness_weight=0.25, spatial_grid=2)
     policy = SchedulePolicy(Schedule(kinds=PATTERN), deep_fraction=0.25)
     _, run = sample(model, torch.tensor([1, 7]), steps=len(PATTERN), policy=policy, selector=selector,
-                    forecaster=forecaster, budget=Budget.parse(budget), return_run=True)
+                    forecaster=forecaster, budget=Budget.parse(budget), return_run=True, precision=precision)
     plan = run.stats.plan
     assert plan["bytes"] == run.stats.cache_bytes_peak, plan["text"]
+    assert (run.rung.quantize is not None) == ("8-bit" in plan["text"])
+    if precision == "fp8":
+        assert run.rung.quantize == "fp8"
     if budget.endswith("residuals") and plan["rung"] != "model":
         assert plan["bytes"] <= int(budget.split()[0]) * run.census.residual * run.census.streams
     if plan["rung"] in ("branch", "mixed"):
@@ -134,3 +140,16 @@ def test_rung_descriptions_say_what_is_kept():
     mixed = Rung(branch_blocks=frozenset({38, 39}), spans=((0, 1), (2, 3)))
     assert mixed.describe(40) == "branch level in 2 of 40 blocks, 2-block residual spans elsewhere"
     assert MODEL_LEVEL.describe(40) == "one model-level residual"
+
+
+def test_eight_bit_when_needed_keeps_branch_level_where_full_precision_does_not_fit(model):
+    policy = SchedulePolicy(Schedule(kinds=PATTERN), deep_fraction=0.25)
+    labels = torch.tensor([4, 5])
+    plans = {}
+    for precision in ("model dtype", "8-bit when needed"):
+        _, run = sample(model, labels, steps=len(PATTERN), policy=policy, budget=Budget.parse("8 residuals"),
+                        return_run=True, precision=precision)
+        plans[precision] = run.plan
+    assert plans["model dtype"].rung.kind != "branch"
+    assert plans["8-bit when needed"].rung.kind == "branch" and plans["8-bit when needed"].rung.quantize == "int8"
+    assert plans["8-bit when needed"].bytes < plans["model dtype"].bytes * 2

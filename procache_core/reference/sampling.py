@@ -10,6 +10,7 @@ import torch
 from ..clock import StepClock
 from ..engine import Run
 from ..families import find_family
+from ..memory import PRECISIONS
 from ..policy import Policy
 from ..tokens import TokenSelector
 from .dit import DiT
@@ -31,7 +32,7 @@ def ddim_timesteps(steps: int, train_steps: int = TRAIN_STEPS) -> list[int]:
 def sample(model: DiT, labels: torch.Tensor, steps: int = 50, cfg: float = 1.5, seed: int = 0,
            policy: Policy | None = None, selector: TokenSelector | None = None,
            noise: torch.Tensor | None = None, return_run: bool = False, forecaster=None, recorder=None, eoc=None,
-           budget=None):
+           budget=None, precision: str = "model dtype"):
     """Deterministic DDIM (eta = 0). With `policy`, blocks run through the caching engine; with a
     `budget` (memory.Budget) the run plans its cache first and takes the finest rung that fits."""
     cfg_model = model.cfg
@@ -60,7 +61,9 @@ def sample(model: DiT, labels: torch.Tensor, steps: int = 50, cfg: float = 1.5, 
             else:
                 if budget is not None and i == 0:
                     census = run.take_census(model, float(t), streams, lambda: model(inp, tt, y))
-                    run.make_plan(census, budget, free_bytes=None, device=str(inp.device))
+                    quantize, quantize_all = PRECISIONS[precision]
+                    run.make_plan(census, budget, free_bytes=None, device=str(inp.device), quantize=quantize,
+                                  quantize_all=quantize_all)
                 with run.model_call(model, float(t), streams):
                     eps = model(inp, tt, y)
                 run.clock.step_finished(i)
