@@ -46,12 +46,13 @@ def budget_of(name: str) -> Budget:
     return Budget.parse(name if not name.isdigit() else f"{name} residuals")
 
 
-def budget_label(name: str) -> str:
-    return {"unlimited": "R = unlimited", "minimal": "model-level residual"}.get(name, f"R = {name}")
+def budget_label(name: str, precision: str = "model dtype") -> str:
+    label = {"unlimited": "R = unlimited", "minimal": "model-level residual"}.get(name, f"R = {name}")
+    return label if precision == "model dtype" else f"{label}, {precision}"
 
 
 # ---- reference DiT --------------------------------------------------------------------------------
-def reference_rows(samples: int, steps: int, log=print) -> list[dict]:
+def reference_rows(samples: int, steps: int, precisions=("model dtype",), log=print) -> list[dict]:
     from .reference_bench import CFG_SCALE, PROCACHE_DEEP_FRACTION, PROCACHE_SELECTOR, SCHEDULES, Bench, load_schedule
     bench = Bench(samples)
     schedule = load_schedule(SCHEDULES.get(steps, SCHEDULES[50]))
@@ -67,11 +68,14 @@ def reference_rows(samples: int, steps: int, log=print) -> list[dict]:
             f"fd {row['fd']:7.3f}  {plan['text'] if plan else ''}")
 
     add("full compute", f"DDIM {steps}", full, 1.0)
-    for name in BUDGETS:
-        policy = SchedulePolicy(schedule, deep_fraction=PROCACHE_DEEP_FRACTION)
-        images, run = sample(bench.model, bench.labels, steps, CFG_SCALE, 0, policy=policy, selector=PROCACHE_SELECTOR,
-                             return_run=True, budget=budget_of(name))
-        add("ProCache + selective", budget_label(name), images, run.stats.flops_speedup, run.stats.plan)
+    for precision in precisions:
+        for name in BUDGETS if precision == "model dtype" else BUDGETS[1:-1]:
+            policy = SchedulePolicy(schedule, deep_fraction=PROCACHE_DEEP_FRACTION)
+            images, run = sample(bench.model, bench.labels, steps, CFG_SCALE, 0, policy=policy,
+                                 selector=PROCACHE_SELECTOR, return_run=True, budget=budget_of(name),
+                                 precision=precision)
+            add("ProCache + selective", budget_label(name, precision), images, run.stats.flops_speedup,
+                run.stats.plan)
     target = rows[1]["flops"]
     fewer = max(1, round(steps / target))
     images, _, _, _ = bench.plain(fewer)
@@ -111,7 +115,7 @@ HW = {"pixart": 48, "flux": 32, "wan": 12}
 SCHEDULE = "procache-dit-50-17full"
 
 
-def comfy_rows(family: str, steps: int, log=print) -> list[dict]:
+def comfy_rows(family: str, steps: int, precisions=("model dtype",), log=print) -> list[dict]:
     import comfy_env
     import comfy_extras.nodes_easycache as easycache
     from procache_comfyui.nodes import library
@@ -140,10 +144,11 @@ def comfy_rows(family: str, steps: int, log=print) -> list[dict]:
     out, calls = run(base)
     full.update(out=out, calls=calls)
     add("full compute", f"{steps} steps", out, 1.0)
-    for name in BUDGETS:
-        out, _ = run(attach(base, ApplyConfig(schedule=schedule, budget=budget_of(name))))
-        latest = LAST_RUNS.latest()
-        add("ProCache + selective", budget_label(name), out, latest["flops_speedup"], latest["plan"])
+    for precision in precisions:
+        for name in BUDGETS if precision == "model dtype" else BUDGETS[1:-1]:
+            out, _ = run(attach(base, ApplyConfig(schedule=schedule, budget=budget_of(name), cache_precision=precision)))
+            latest = LAST_RUNS.latest()
+            add("ProCache + selective", budget_label(name, precision), out, latest["flops_speedup"], latest["plan"])
     target = rows[1]["compute"]
     fewer = max(1, round(steps / target))
     out, calls = run(base, fewer)
@@ -185,15 +190,18 @@ def main(argv=None):
     parser.add_argument("--comfyui", default=None, help="a ComfyUI checkout: also bench its tiny models")
     parser.add_argument("--families", default="flux,wan,pixart")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference DiT")
+    parser.add_argument("--precisions", default="model dtype,8-bit when needed",
+                        help="cache_precision settings of the budget rows (memory.PRECISIONS), comma-separated")
     parser.add_argument("--out", default=None, help="also write the markdown tables here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
     lines = []
     steps_list = [int(s) for s in args.steps.split(",")]
+    precisions = [p.strip() for p in args.precisions.split(",")]
     if not args.no_reference:
         for steps in steps_list:
-            lines += reference_table(reference_rows(args.samples, steps), steps)
+            lines += reference_table(reference_rows(args.samples, steps, precisions), steps)
     if args.comfyui:
         os.environ["COMFYUI_PATH"] = os.path.abspath(os.path.expanduser(args.comfyui))
         import comfy_env
@@ -201,7 +209,7 @@ def main(argv=None):
         comfy_env.load_pack()
         for steps in steps_list:
             for family in args.families.split(","):
-                lines += comfy_table(family, steps, comfy_rows(family, steps))
+                lines += comfy_table(family, steps, comfy_rows(family, steps, precisions))
     command = "python -m benchmarks.memory_quality " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     header = [f"Quality per memory budget at matched FLOPs; `{command.strip()}` "
               f"({(time.perf_counter() - started) / 60:.1f} min, one thread).", ""]
