@@ -78,8 +78,8 @@ class ProCacheApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
-                memory_budget: str = "auto", cache_precision: str = "model dtype",
-                selector: SelectorConfig | None = None, forecaster=None, eoc=None) -> io.NodeOutput:
+                selector: SelectorConfig | None = None, forecaster=None, eoc=None,
+                memory_budget: str = "auto", cache_precision: str = "model dtype") -> io.NodeOutput:
         if not isinstance(schedule, Schedule):     # a node of another pack on a loosely typed link
             raise ScheduleError(f"the schedule input got {type(schedule).__name__}: connect ProCache Schedule Loader")
         if start_percent > end_percent:

@@ -163,6 +163,10 @@ class Run:
         census = Census(streams=len(streams))
         scout.recording = census
         handles = []
+        # the model's own hooks (other nodes' probes, tests) never see the census: it is not a model call
+        hidden = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+        model._forward_pre_hooks.clear()
+        model._forward_hooks.clear()
         if self.family is not None:
             first = 0
             for stack in self.family.stacks:
@@ -180,6 +184,8 @@ class Run:
         finally:
             for handle in handles:
                 handle.remove()
+            model._forward_pre_hooks.update(hidden[0])
+            model._forward_hooks.update(hidden[1])
             census.__dict__.pop("inputs", None)
         for key, size, size8 in scout.cache.items():
             if key[0] == "model" or not isinstance(key[0], int):

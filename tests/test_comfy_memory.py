@@ -33,7 +33,7 @@ def runs(pack, monkeypatch):
 def _apply(pack, mp, budget, pattern=SELECTIVE, forecaster=None, cache_on_cpu=False):
     from procache_comfyui.procache_core import parse_pattern
     node = pack.nodes.apply_node.ProCacheApply
-    return node.execute(mp, parse_pattern(pattern), 0.0, 1.0, False, cache_on_cpu, budget,
+    return node.execute(mp, parse_pattern(pattern), 0.0, 1.0, False, cache_on_cpu, memory_budget=budget,
                         forecaster=forecaster).result[0]
 
 
