@@ -1,7 +1,7 @@
 """Every caching method on the trained reference DiT, side by side, same seeds, same step counts.
 
     python -m benchmarks.reference_bench            # the README table: 50 and 20 steps
-    python -m benchmarks.reference_bench --quick    # CI size: 20 samples, 20 steps, QUICKTIME
+    python -m benchmarks.reference_bench --quick    # CI size: 20 samples, 20 steps, about 10 s of CPU
     python -m benchmarks.reference_bench --schedule my-search.json   # add a schedule row
 
 Writes reference_bench.{md,png,json} to benchmarks/out/ (`--out benchmarks/results` updates the
@@ -307,7 +307,7 @@ def run_benchmark(samples: int = 300, step_counts=(50, 20), extra_schedules=(), 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI size: 20 samples, 20 steps")
+    parser.add_argument("--quick", action="store_true", help="CI size: 20 samples, 20 steps, 10 calibration samples")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--steps", type=int, nargs="+", default=None)
     parser.add_argument("--schedule", action="append", default=[], help="extra schedule JSON (repeatable)")
@@ -322,7 +322,8 @@ def main():
     samples = args.samples or (20 if args.quick else 300)
     steps = args.steps or ([20] if args.quick else [50, 20])
     command = "python -m benchmarks.reference_bench" + (" --quick" if args.quick else "")
-    rows = run_benchmark(samples, steps, args.schedule, args.out, command, args.threads)
+    rows = run_benchmark(samples, steps, args.schedule, args.out, command, args.threads,
+                         calibration_samples=10 if args.quick else 40)
     for what, ok, numbers in checks(rows):
         print(f"{'met   ' if ok else 'MISSED'} {what}: {numbers}")
 
