@@ -14,7 +14,8 @@ Compute speedup: for ProCache's rows the run statistics' block FLOPs; for EasyCa
 (which skip the whole transformer on a cached step) the number of transformer block calls of full
 compute divided by theirs. Random weights: the error figures show how far each method moves the
 result, not image quality (the reference DiT benchmark, benchmarks/reference_bench.py, judges
-quality on a trained model). Writes benchmarks/results/comfy_bench.md (another file with --out).
+quality on a trained model). Writes comfy_bench.md to benchmarks/out/ (`--out benchmarks/results`
+updates the figures the README quotes).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
 
 import torch  # noqa: E402
 
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "comfy_bench.md")
+from benchmarks.output import add_out_option, report_path  # noqa: E402
+
 SCHEDULE = "procache-dit-50-17full.json"
 WALL_NOTE = ("These models are tiny (one run takes a fraction of a second), so their wall speedups are mostly "
              "fixed per-step costs and timer noise: read the compute column; benchmarks/comfy_speed.py measures "
@@ -48,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", default="50,20", help="step counts, comma separated")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="flux only, 20 steps")
-    parser.add_argument("--out", default=None, help=f"markdown file (default {os.path.relpath(RESULTS, ROOT)})")
+    add_out_option(parser)
     args = parser.parse_args(argv)
     if not args.comfyui:
         parser.error("no ComfyUI: pass --comfyui PATH or set COMFYUI_PATH")
@@ -176,11 +178,11 @@ def main(argv=None):
               "Random weights: the error columns say how far a method moves the result from full compute, "
               "not image quality. EasyCache and LazyCache run at their node defaults (threshold 0.2, from "
               "15 % to 95 % of the run). " + WALL_NOTE, ""]
-    out = args.out or RESULTS
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    path = report_path(args.out, "comfy_bench.md")
+    with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(header + lines))
     print("\n".join(header + lines))
+    print(f"wrote {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ other processes on a shared machine hits both sides alike). Random weights: the 
 nothing, only the time and the work do.
 
 The model: Flux (double + single stream blocks) with a 64x64 latent, patch 2, so 1024 image tokens;
-width 512 and 3 + 6 blocks by default, wide enough that block compute dominates a step. Writes
-benchmarks/results/comfy_speed.md (another file with --out).
+width 512 and 3 + 6 blocks by default, wide enough that block compute dominates a step. Writes comfy_speed.md to benchmarks/out/
+(`--out benchmarks/results` updates the figures the README quotes).
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
 
 import torch  # noqa: E402
 
+from benchmarks.output import add_out_option, report_path  # noqa: E402
+
 SCHEDULE = "procache-dit-50-17full.json"
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "comfy_speed.md")
 VARIANTS = ("unpatched", "all-full schedule", "17-of-50 schedule")
 
 
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--single", type=int, default=6, help="single-stream blocks")
     parser.add_argument("--schedule", default=SCHEDULE, help="a file in schedules/ or a path")
     parser.add_argument("--quick", action="store_true", help="smoke run: 10 steps, a 32x32 latent, width 128")
-    parser.add_argument("--out", default=RESULTS, help="the markdown report ('' writes none)")
+    add_out_option(parser, optional=True)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.latent, args.hidden, args.heads, args.double, args.single = 10, 32, 128, 2, 1, 2
@@ -225,10 +226,10 @@ def main(argv=None) -> dict:
           f"{100 * result['all_full_overhead']:+.1f} % (target <= 3 %)")
     if args.out:
         command = "python benchmarks/comfy_speed.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
+        path = report_path(args.out, "comfy_speed.md")
+        with open(path, "w", encoding="utf-8") as f:
             f.write(report(result, command.strip()))
-        print(f"wrote {args.out}")
+        print(f"wrote {os.path.relpath(path)}")
     return result
 
 

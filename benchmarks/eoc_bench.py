@@ -2,8 +2,9 @@
 reused) with and without the correction, over pooling, strength and judgment, then the same
 correction on top of two other schedules; same held-out seed as the reference benchmark.
 
-    python -m benchmarks.eoc_bench                 # writes benchmarks/results/eoc_bench.{md,json}
-    python -m benchmarks.eoc_bench --quick         # a few samples, seconds (benchmarks/out)
+    python -m benchmarks.eoc_bench                 # writes benchmarks/out/eoc_bench.{md,json}
+    python -m benchmarks.eoc_bench --quick         # a few samples
+    python -m benchmarks.eoc_bench --out benchmarks/results    # updates the figures the README quotes
     python -m benchmarks.eoc_bench --samples 1000 --prior-samples 256
 
 The prior is the mean full-compute branch output per step, unit and CFG stream over PRIOR_SEED
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -27,7 +27,8 @@ from procache_core.eoc import Correction, PriorRecorder, judge_by_trial
 from procache_core.reference.sampling import sample
 
 from .judge import frechet_distance, load_judge
-from .reference_bench import CFG_SCALE, RESULTS, ROOT, SEED, load_schedule, without_selective
+from .output import add_out_option, report_path
+from .reference_bench import CFG_SCALE, SEED, load_schedule, without_selective
 from .train_reference import load_reference
 
 STEPS = 50                 # the reference benchmark's DDIM steps
@@ -196,18 +197,17 @@ def findings(rows: list[dict]) -> list[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few samples, written to benchmarks/out")
+    parser.add_argument("--quick", action="store_true", help="a few samples")
     parser.add_argument("--samples", type=int, default=None, help="held-out samples (default 300)")
     parser.add_argument("--prior-samples", type=int, default=None, help="calibration samples of the prior (default 64)")
     parser.add_argument("--trial-samples", type=int, default=None, help="samples of the trial judgment (default 32)")
     parser.add_argument("--gammas", default=None, help="comma-separated strengths for FORA N=2 (default 0.25,0.5,1)")
-    parser.add_argument("--out", default=None)
+    add_out_option(parser)
     args = parser.parse_args(argv)
     gammas = tuple(float(g) for g in args.gammas.split(",")) if args.gammas else ((1.0,) if args.quick else GAMMAS)
     samples = args.samples or (20 if args.quick else 300)
     prior_samples = args.prior_samples or (8 if args.quick else 64)
     trial_samples = args.trial_samples or (4 if args.quick else 32)
-    out = args.out or (os.path.join(ROOT, "benchmarks", "out") if args.quick else RESULTS)
     started = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -229,11 +229,10 @@ def main(argv=None):
            "extract_seconds": {k: round(v, 1) for k, v in extract_seconds.items()},
            "minutes": round((time.perf_counter() - started) / 60, 2), "rows": table.rows}
     doc["findings"] = findings(table.rows)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "eoc_bench.json"), "w", encoding="utf-8") as f:
+    with open(report_path(args.out, "eoc_bench.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
     lines = markdown(doc, command)
-    with open(os.path.join(out, "eoc_bench.md"), "w", encoding="utf-8") as f:
+    with open(report_path(args.out, "eoc_bench.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return doc

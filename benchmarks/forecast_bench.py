@@ -2,8 +2,9 @@
 with and without selective recompute, at 17 and 12 full steps of 50 and 7 of 20; same seeds as
 the reference benchmark, with "fewer steps" at equal FLOPs beside every schedule.
 
-    python -m benchmarks.forecast_bench            # writes benchmarks/results/forecast_bench.md
-    python -m benchmarks.forecast_bench --quick    # a few samples, seconds
+    python -m benchmarks.forecast_bench            # writes benchmarks/out/forecast_bench.md
+    python -m benchmarks.forecast_bench --quick    # a few samples
+    python -m benchmarks.forecast_bench --out benchmarks/results    # updates the figures the README quotes
 
 Fitted coefficients come from full-compute calibration runs on other seeds and labels than the
 reported ones (CALIBRATION_SEED); the fit time printed is the whole calibration, sampling included.
@@ -11,7 +12,6 @@ reported ones (CALIBRATION_SEED); the fit time printed is the whole calibration,
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -22,10 +22,9 @@ from procache_core.reference.sampling import sample
 from procache_core.search import SearchConstraints, draw_candidates
 
 from .judge import frechet_distance
-from .reference_bench import (CALIBRATION_SEED, CFG_SCALE, PROCACHE_DEEP_FRACTION, PROCACHE_SELECTOR, ROOT, SEED,
+from .output import add_out_option, report_path
+from .reference_bench import (CALIBRATION_SEED, CFG_SCALE, PROCACHE_DEEP_FRACTION, PROCACHE_SELECTOR, SEED,
                               Bench, load_schedule, without_selective)
-
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
 def schedules() -> list[tuple[int, str, Schedule]]:
@@ -102,6 +101,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--calibration", type=int, default=None, help="calibration samples for the fit")
+    add_out_option(parser)
     args = parser.parse_args()
     samples = args.samples or (20 if args.quick else 300)
     calibration = args.calibration or (10 if args.quick else 40)
@@ -112,9 +112,7 @@ def main():
     header = [f"Forecasting on the reference DiT: {samples} samples, DDIM, CFG {CFG_SCALE}, seed {SEED}; fitted on "
               f"{calibration} calibration samples (seed {CALIBRATION_SEED}); `{command}` "
               f"({(time.perf_counter() - started) / 60:.1f} min, 1 thread).", ""]
-    out = os.path.join(ROOT, "benchmarks", "out" if args.quick else "results")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "forecast_bench.md"), "w", encoding="utf-8") as f:
+    with open(report_path(args.out, "forecast_bench.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(header + lines))
     print("\n".join(header + lines))
 

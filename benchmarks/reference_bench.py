@@ -1,10 +1,11 @@
 """Every caching method on the trained reference DiT, side by side, same seeds, same step counts.
 
     python -m benchmarks.reference_bench            # the README table: 50 and 20 steps
-    python -m benchmarks.reference_bench --quick    # CI size: a few samples, seconds
+    python -m benchmarks.reference_bench --quick    # CI size: 20 samples, 20 steps, about 10 s of CPU
     python -m benchmarks.reference_bench --schedule my-search.json   # add a schedule row
 
-Writes benchmarks/results/reference_bench.{md,png,json} (another folder with --out).
+Writes reference_bench.{md,png,json} to benchmarks/out/ (`--out benchmarks/results` updates the
+README's figures).
 
 Every row samples the same labels from the same noise with DDIM and CFG, then the judge
 (benchmarks/judge.py) scores the images: class accuracy, FD against the real digits, PSNR against
@@ -32,10 +33,9 @@ from procache_core.reference.sampling import sample
 
 from .baselines import DynamicCache
 from .judge import load_judge
+from .output import ROOT, SCRATCH, add_out_option, report_path
 from .train_reference import load_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 SCHEDULES = {50: "procache-dit-50-17full.json", 20: "procache-pixart-20-7full.json"}
 
 CFG_SCALE = 1.5
@@ -156,8 +156,8 @@ class Bench:
         add("ProCache schedule alone", without_selective(procache).pattern,
             self.scheduled(steps, without_selective(procache)))
         fewer = max(1, round(steps / target))
-        add("fewer steps (equal FLOPs)", f"DDIM {fewer}", self.plain(fewer))
-        rows[-1].flops_speedup = steps / fewer
+        images, _, wall, cpu = self.plain(fewer)      # fewer steps cost steps / fewer of the full run
+        add("fewer steps (equal FLOPs)", f"DDIM {fewer}", (images, steps / fewer, wall, cpu))
         for n in (2, 3, 4):
             add(f"FORA N={n}", uniform(steps, n).pattern, self.scheduled(steps, uniform(steps, n)))
         toca = uniform(steps, 3)
@@ -284,7 +284,7 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
-def run_benchmark(samples: int = 300, step_counts=(50, 20), extra_schedules=(), out: str = RESULTS,
+def run_benchmark(samples: int = 300, step_counts=(50, 20), extra_schedules=(), out: str = SCRATCH,
                   command: str = "python -m benchmarks.reference_bench", threads: int = 1, log=print,
                   model=None, calibration_samples: int = 40) -> list[Row]:
     started = time.perf_counter()
@@ -294,25 +294,25 @@ def run_benchmark(samples: int = 300, step_counts=(50, 20), extra_schedules=(), 
         rows += bench.run(steps, extra_schedules, log=log)
     seconds = time.perf_counter() - started
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "reference_bench.md"), "w", encoding="utf-8") as f:
+        with open(report_path(out, "reference_bench.md"), "w", encoding="utf-8") as f:
             f.write(markdown(rows, command, samples, seconds))
-        with open(os.path.join(out, "reference_bench.json"), "w", encoding="utf-8") as f:
+        with open(report_path(out, "reference_bench.json"), "w", encoding="utf-8") as f:
             json.dump({"command": command, "samples": samples, "seconds": round(seconds, 1),
                        "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
-        plot(rows, os.path.join(out, "reference_bench.png"))
+        plot(rows, report_path(out, "reference_bench.png"))
+        log(f"wrote {os.path.relpath(out)}/reference_bench.{{md,json,png}}")
     log(f"done in {seconds / 60:.1f} min")
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI size: 20 samples, 20 steps, written to benchmarks/out")
+    parser.add_argument("--quick", action="store_true", help="CI size: 20 samples, 20 steps, 10 calibration samples")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--steps", type=int, nargs="+", default=None)
     parser.add_argument("--schedule", action="append", default=[], help="extra schedule JSON (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    add_out_option(parser)
     parser.add_argument("--tune", action="store_true",
                         help="score the ProCache selective settings on the calibration seeds, then stop")
     args = parser.parse_args()
@@ -321,9 +321,9 @@ def main():
         return
     samples = args.samples or (20 if args.quick else 300)
     steps = args.steps or ([20] if args.quick else [50, 20])
-    out = args.out or (os.path.join(ROOT, "benchmarks", "out") if args.quick else RESULTS)
     command = "python -m benchmarks.reference_bench" + (" --quick" if args.quick else "")
-    rows = run_benchmark(samples, steps, args.schedule, out, command, args.threads)
+    rows = run_benchmark(samples, steps, args.schedule, args.out, command, args.threads,
+                         calibration_samples=10 if args.quick else 40)
     for what, ok, numbers in checks(rows):
         print(f"{'met   ' if ok else 'MISSED'} {what}: {numbers}")
 

@@ -12,7 +12,8 @@ digits, FD against the full-compute samples of the same seeds, PSNR against them
 CUR (cache usage ratio) = reused units / all units of the run, the first step included; FORA
 with a full step every N steps reuses every unit of the other steps. "Fewer steps" is DDIM with
 round(T * (1 - CUR)) steps: about the same block work as caching that share of units.
-Writes benchmarks/results/router_bench.{md,json} and the routers it trained.
+Writes router_bench.{md,json} and the routers it trained to benchmarks/out/ (`--out benchmarks/results`
+updates the figures the README quotes).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from procache_core.reference.sampling import sample
 from procache_core.router import Router
 
 from .judge import frechet_distance, load_judge
-from .reference_bench import CFG_SCALE, RESULTS, SEED
+from .output import add_out_option
+from .reference_bench import CFG_SCALE, SEED
 from .train_reference import load_reference
 from .train_router import reference_config, reference_trainer
 
@@ -86,7 +88,7 @@ def main(argv=None):
                         help="the same for lambda_mode='paper' with refresh credit (an option beyond the paper)")
     parser.add_argument("--max-reuse", type=int, default=0, help="train every router with this reuse limit (0: none)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=RESULTS)
+    add_out_option(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.trajectories, args.lambda_period = 40, 3, 2

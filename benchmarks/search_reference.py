@@ -8,7 +8,7 @@ it samples full compute once (which is also the profiling run), pre-ranks every 
 by the output change it would skip, runs the best K, and keeps the one whose final images are
 closest to full compute. Every schedule is then judged on held-out seeds (the reference bench's
 own seed) by FD against the real digits, class accuracy and PSNR against full compute. Writes
-benchmarks/results/search_reference.{md,json}.
+search_reference.{md,json} to benchmarks/out/ (`--out benchmarks/results` updates the tracked figures).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from procache_core.reference.sampling import alphas_cumprod, ddim_timesteps, sam
 from procache_core.search import SearchConstraints, count_partitions, generic_pattern, search
 
 from .judge import frechet_distance, load_judge
-from .reference_bench import CFG_SCALE, PROCACHE_DEEP_FRACTION, PROCACHE_SELECTOR, RESULTS, SEED, load_schedule
+from .output import add_out_option
+from .reference_bench import CFG_SCALE, PROCACHE_DEEP_FRACTION, PROCACHE_SELECTOR, SEED, load_schedule
 from .train_reference import load_reference
 
 SEARCH_SEED = 2000        # noise of the search runs; never the held-out SEED
@@ -80,7 +81,7 @@ def main(argv=None):
     parser.add_argument("--candidates", type=int, default=5, help="K")
     parser.add_argument("--pool", type=int, default=1000, help="pre-rank pool (capped at the number of patterns)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=RESULTS)
+    add_out_option(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.search_samples = 40, 10

@@ -35,6 +35,9 @@ import time
 import uuid
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(PACK_ROOT, "tests"))
+import server_check  # noqa: E402  (the tests' check that a Python can start a ComfyUI server)
+
 MODELS = {"wan": "soak_wan21_tiny.safetensors", "pixart": "soak_pixart_sigma_tiny.safetensors"}
 # (width, height) in pixels. PixArt's position embedding needs (H + W) / 2 >= 40 latent pixels.
 RESOLUTIONS = {"wan": [(64, 64), (96, 64)], "pixart": [(16, 640), (32, 640)]}
@@ -119,6 +122,7 @@ class Server:
         self.log_path = os.path.join(base, f"server-{name}.log")
         self.log = open(self.log_path, "w")
         self.ready_at = 0
+        self.python = python
         self.process = subprocess.Popen(
             [python, "main.py", "--cpu", "--base-directory", base, "--listen", "127.0.0.1",
              "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes", "--disable-metadata"],
@@ -128,7 +132,9 @@ class Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}; see {self.log_path}")
+                with open(self.log_path, errors="replace") as f:
+                    why = server_check.explain_start_failure(f.read(), self.python)
+                raise RuntimeError(f"{why or f'ComfyUI exited with {self.process.returncode}'}; see {self.log_path}")
             try:
                 async with session.get(self.url + "/object_info/ProCacheApply") as r:
                     if r.status == 200 and "ProCacheApply" in await r.json():
@@ -376,6 +382,9 @@ def main() -> int:
     if args.write_models:
         write_models(args.comfyui, args.write_models)
         return 0
+    why = server_check.problem(args.comfyui, args.python)
+    if why:
+        parser.error(why)
     return asyncio.run(soak(args))
 
 

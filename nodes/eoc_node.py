@@ -96,6 +96,8 @@ class EOCPriorExtractor(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, samples, sampler_name, scheduler, steps, cfg,
                 pooling, schedule: Schedule | None = None, save_name="", prior="") -> io.NodeOutput:
+        if save_name:
+            library.check_name(save_name, "prior", EOCError)     # before the runs, not after them
         if schedule is not None and schedule.steps != steps:
             schedule = schedule.resampled(steps)
         settings = {"model": type(model.model.diffusion_model).__name__, "sampler": sampler_name,

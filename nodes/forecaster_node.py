@@ -160,6 +160,8 @@ class ProCacheForecasterTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, schedule: Schedule, seed, samples, sampler_name,
                 scheduler, steps, cfg, history, grouping, save_name="", fitted="") -> io.NodeOutput:
+        if save_name:
+            library.check_name(save_name, "forecaster", ForecastError)     # before the runs, not after them
         if steps != schedule.steps:
             schedule = schedule.resampled(steps)
         settings = {"pattern": schedule.pattern, "sampler": sampler_name, "scheduler": scheduler, "steps": steps,

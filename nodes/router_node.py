@@ -184,6 +184,8 @@ class HarmoniCaRouterTrainer(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, sampler_name, scheduler, steps, cfg, iterations,
                 beta, learning_rate, tau, lambda_period, lambda_mode, resume=True, save_name="", router="",
                 max_reuse=0, refresh_credit=False) -> io.NodeOutput:
+        if save_name:
+            library.check_name(save_name, "router")     # before the training, not after it
         settings = {"seed": seed, "sampler": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
                     "iterations": iterations, "beta": beta, "lr": learning_rate, "tau": tau,
                     "lambda_period": lambda_period, "lambda_mode": lambda_mode,

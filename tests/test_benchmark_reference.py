@@ -1,5 +1,6 @@
 """The reference benchmark: judge metrics, the trained reference DiT, the dynamic peer rules, the bench."""
 import math
+import re
 
 import pytest
 import torch
@@ -83,7 +84,8 @@ def test_dynamic_rules(model, rule):
 
 
 def test_quick_bench_writes_the_table(tmp_path, model):
-    rows = run_benchmark(samples=10, step_counts=(10,), out=str(tmp_path), log=lambda *a: None,
+    console = []
+    rows = run_benchmark(samples=10, step_counts=(10,), out=str(tmp_path), log=console.append,
                          calibration_samples=10)
     methods = [r.method for r in rows]
     for expected in ("full compute", "fewer steps (equal FLOPs)", "FORA N=2", "FORA N=3", "FORA N=4",
@@ -100,3 +102,10 @@ def test_quick_bench_writes_the_table(tmp_path, model):
     assert checks(rows) == []          # the targets are judged at 50 steps only
     table = (tmp_path / "reference_bench.md").read_text()
     assert "| FORA N=3 |" in table and (tmp_path / "reference_bench.png").stat().st_size > 1000
+    # The console and the markdown give every row the same FLOPs speedup (fewer steps: 10 / its steps).
+    fewer = by["fewer steps (equal FLOPs)"]
+    assert fewer.flops_speedup == pytest.approx(10 / int(fewer.setting.removeprefix("DDIM ")))
+    printed = {m: float(re.search(r"flops +([\d.]+)x", line)[1]) for line in console for m in methods
+               if re.match(rf"\s*10 steps  {re.escape(m)} ", line)}
+    written = {m: float(re.search(rf"^\| {re.escape(m)} \|[^|]*\| ([\d.]+)×", table, re.M)[1]) for m in methods}
+    assert printed == written == {r.method: round(r.flops_speedup, 2) for r in rows}

@@ -138,6 +138,7 @@ def test_saved_prior_loads_in_the_correction_node(pack, tmp_path, monkeypatch):
     assert correction.prior.means.keys() == prior.means.keys()
     with pytest.raises(Exception, match="connect an EOC Prior Extractor"):
         eoc_node.EOCCorrection.execute(eoc_node.NO_FILE, 0.5, 0.0, 0.0, 1.0)
+    monkeypatch.setattr(eoc_node, "extract", lambda *a, **k: pytest.fail("sampled before checking the name"))
     with pytest.raises(Exception, match="names may use"):
         _extract(pack, mp, "pixart", save_name="../x")
 

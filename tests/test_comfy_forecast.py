@@ -77,6 +77,8 @@ def test_trainer_fits_on_the_graph_and_its_text_reproduces_the_forecaster(pack, 
     monkeypatch.setattr(pack.nodes.forecaster_node, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
     again, _ = trainer.execute(**args, fitted=text).result
     assert again.table == fitted.table
+    with pytest.raises(Exception, match="names may use"):      # a bad file name fails before calibrating
+        trainer.execute(**{**args, "seed": 5}, save_name="../x")
     # ... and the Forecaster node reads the same text into the same forecaster.
     assert _forecaster(pack, "fitted (text below)", text).table == fitted.table
 

@@ -127,6 +127,8 @@ def test_trainer_node_trains_a_router_that_apply_runs_and_its_text_reproduces_it
     monkeypatch.setattr(node, "train", lambda *a, **k: pytest.fail("trained again"))
     again = node.HarmoniCaRouterTrainer.execute(model=mp, **_trainer_args("pixart"), router=text)
     assert again.result[0].units == schedule.units
+    with pytest.raises(Exception, match="names may use"):      # a bad file name fails before training
+        node.HarmoniCaRouterTrainer.execute(model=mp, **_trainer_args("pixart", seed=8), save_name="../x")
     images = comfy_env.sample(_apply(pack, mp, schedule), "pixart", steps=4, cfg=2.0)
     assert torch.isfinite(images).all()
 

@@ -25,6 +25,7 @@ import urllib.request
 import pytest
 
 import comfy_env
+import server_check
 from procache_core import StepKind, parse_pattern, uniform
 from procache_core.schedule import Schedule, inject_selective
 
@@ -104,6 +105,9 @@ def server(tmp_path_factory):
         "Comfy.Canvas.MouseWheelScroll": "zoom", "Comfy.Minimap.Visible": False}))
     os.symlink(ROOT, base / "custom_nodes" / "procache")
     os.symlink(os.path.join(ROOT, "tests", "testing_nodes"), base / "custom_nodes" / "procache_testing_nodes")
+    missing = server_check.problem(comfy_env.comfy_path(), SERVER_PYTHON)
+    if missing:
+        pytest.fail(missing)
     port = _free_port()
     log_path = base / "server.log"
     with open(log_path, "w") as log:
@@ -124,7 +128,9 @@ def server(tmp_path_factory):
             except OSError:
                 pass
             if process.poll() is not None or time.time() > deadline:
-                pytest.fail("ComfyUI did not start:\n" + log_path.read_text()[-4000:])
+                log = log_path.read_text()
+                why = server_check.explain_start_failure(log, SERVER_PYTHON) or "ComfyUI did not start"
+                pytest.fail(f"{why}\n{log[-4000:]}")
             time.sleep(0.5)
         yield url, log_path
     finally:
