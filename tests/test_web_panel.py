@@ -38,6 +38,8 @@ PATTERN = "[1,0,2,0]x3"          # 12 steps: 3 full, 3 selective, 6 reused
 STEPS = 12
 MISMATCH_STEPS = 8               # a sampler set to another step count than the schedule's
 CANCEL_STEPS, CANCEL_AT_STEP = 40, 4     # a longer run, interrupted from the page after its 5th step
+BAD_PATTERN_ERROR = "the pattern may only contain 0, 1, 2, commas and [group]xN"     # for "1,0,0,x"
+PLAN_TEXT = "cache in VRAM: 120 MiB of 8 GiB free"      # a plan line as the run summary carries it
 DOCS_TEMPLATE = "procache_pixart_sigma_t2i.json"
 TEMPLATES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 
@@ -199,7 +201,7 @@ def _preview_cases(library: dict[str, str]) -> list[tuple[dict, str]]:
     for values, schedule in cases:
         values = {"pattern": "", "interval": 3, **values}
         out.append((values, _letters(schedule)))
-    return out
+    return out + [({"source": "typed pattern", "pattern": "1,0,0,x", "interval": 3, "steps": 0, "selective": False}, "")]
 
 
 def _tracebacks(log: str) -> list[list[str]]:
@@ -236,7 +238,7 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
             "failure_screenshot": str(tmp_path / "failure.png"),
             "mismatch_steps": MISMATCH_STEPS, "cancel_steps": CANCEL_STEPS, "cancel_at_step": CANCEL_AT_STEP,
             "cancel_screenshots": cancel_shots, "docs_screenshots": docs_shots, "docs_template": DOCS_TEMPLATE,
-            "docs_prompt": _docs_graph(),
+            "docs_prompt": _docs_graph(), "plan_text": PLAN_TEXT,
             "templates": [{"name": os.path.basename(path), "doc": json.load(open(path))} for path in TEMPLATES]}
     (tmp_path / "input.json").write_text(json.dumps(spec))
     done = subprocess.run([NODE, os.path.join(WEB_TESTS, "panel_test.mjs"), str(tmp_path / "input.json")],
@@ -271,7 +273,13 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     assert preview["ProCacheApply"] == ""                     # no run yet
     assert report["preview"]["pixels"]["letters"] == expected
     for (values, want), got in zip(cases, report["preview_cases"]):
-        assert got == want, values
+        assert got["value"] == want, values
+        # the Loader shows only the widgets its source uses
+        assert got["hidden"] == {"typed pattern": ["interval"], "uniform interval": ["pattern"]}.get(
+            values["source"], ["interval", "pattern"]), values
+    # an error in full (wrapped over lines on the node, never cut), with no strip
+    error = report["preview_cases"][-1]
+    assert error["value"] == "" and error["text"] == f"error: {BAD_PATTERN_ERROR}"
     assert "No ProCache run yet" in report["panel_before"]
 
     # the run: the panel against the schedule and the server's statistics
@@ -374,6 +382,8 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
         assert files and all(any(name in item for item in template["missing"]) for name in files), template
 
     assert report["docs_result"]["ok"], report["docs_result"]
+    assert f"cache plan: {PLAN_TEXT}" in report["plan_panel"]["details"]
+    assert "cache plan" not in report["cancel_panel"][-1]["details"]          # a summary without one
     assert all(os.path.getsize(path) > 10000 for path in shots + cancel_shots + docs_shots)
     # no traceback in the server's log; one exception: SQLAlchemy's garbage collector may report a
     # connection of ComfyUI's own database finalised from another thread (frames all in SQLAlchemy)

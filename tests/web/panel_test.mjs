@@ -158,7 +158,9 @@ try {
         if (w.value) break;
         await new Promise((r) => setTimeout(r, 100));
       }
-      out.push(node.widgets.find((x) => x.type === "procache_strip").value);
+      const strip = node.widgets.find((x) => x.type === "procache_strip");
+      out.push({ value: strip.value, text: strip.text,
+                 hidden: node.widgets.filter((w) => w.hidden).map((w) => w.name).sort() });
     }
     node.widgets.forEach((w, i) => { w.value = saved[i]; });
     app.canvas.draw(true, true);
@@ -292,6 +294,13 @@ try {
   await page.keyboard.press("Escape");
   await screenshots(input.docs_screenshots, 0.66, [390, 90]);
   note("docs picture taken");
+
+  // 10. A run summary with a cache plan (procache_core.stats adds one when the plan is known): one
+  // line in the run's details.
+  report.plan_panel = await page.evaluate((summary) => {
+    window.app.api.dispatchEvent(new CustomEvent("procache.run", { detail: summary }));
+    return window.__procachePanel().at(-1);
+  }, { ...report.cancelled_run, plan: { text: input.plan_text } });
 } catch (e) {
   report.script_error = `${e.message}\n${e.stack || ""}`;
   if (page && input.failure_screenshot) await page.screenshot({ path: input.failure_screenshot }).catch(() => {});
