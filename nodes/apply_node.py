@@ -114,7 +114,14 @@ class ProCacheApply(io.ComfyNode):
                     "for the change since they were cached, so together they add it twice: connect one")
             log.warning("ProCache: %s", both)
             report = f"WARNING: {both}\n{report}"
-        return io.NodeOutput(patched, report, ui={"text": [report], "mode": [mode]})
+        report += f"\n{step_count_note(schedule)}"
+        # schedule_steps: the node's web extension warns when the connected sampler's step count differs
+        return io.NodeOutput(patched, report, ui={"text": [report], "mode": [mode], "schedule_steps": [schedule.steps]})
+
+
+def step_count_note(schedule: Schedule) -> str:
+    return (f"made for a {schedule.steps}-step sampler: a sampler with another step count gets the schedule "
+            "resampled to its steps, with other figures (the ProCache panel shows what ran)")
 
 
 def describe_budget(budget: Budget, cache_on_cpu: bool) -> str:

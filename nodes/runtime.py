@@ -212,11 +212,13 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     options[RUN_KEY] = run
     try:
         return executor(*args, **kwargs)
+    except BaseException as e:        # noted for the statistics, raised on unchanged
+        run.stats.ending = ending(e)
+        raise
     finally:
         options.pop(RUN_KEY, None)
         stats = run.close()           # free cached tensors first, then report
         summary = stats.summary()
-        summary["schedule"] = config.schedule.name
         LAST_RUNS.publish(summary)
         events.send(events.RUN_EVENT, summary)
         log.info(stats.line())
@@ -235,10 +237,19 @@ def cfg_streams(guider) -> int | None:
     return count or None
 
 
+def ending(error: BaseException) -> str:
+    """How a run that raised `error` ended, for RunStats.ending."""
+    if isinstance(error, comfy.model_management.InterruptProcessingException):
+        return "cancelled"
+    return f"failed: {type(error).__name__}: {error}"
+
+
 def step_event(run: Run, step: int) -> dict:
     summary = run.stats.summary()
-    return {"step": step, "steps": summary["steps"], "planned": summary["planned"], "actual": summary["actual"],
-            "mode": summary["mode"], "seconds": summary["seconds_per_step"][step] if step < summary["steps"] else 0.0}
+    event = {key: summary[key] for key in ("steps", "planned", "actual", "stream_labels", "mode", "model",
+                                           "schedule", "schedule_steps")}
+    return {**event, "step": step,
+            "seconds": (summary["seconds_per_step"][step] or 0.0) if step < summary["steps"] else 0.0}
 
 
 def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
@@ -251,11 +262,14 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
         policy.check_units(len(family.blocks(model_patcher.model.diffusion_model)))
     run = Run(policy, StepClock(sigma_list), family,
               selector=config.selector, cache_device="cpu" if config.cache_on_cpu else None,
-              model_name=type(model_patcher.model.diffusion_model).__name__,
+              model_name=model_display_name(model_patcher),
               forecaster=config.forecaster, recorder=config.recorder, eoc=config.eoc)
     run.stats.notes.extend(notes + [sentence])
     if run.eoc is not None:
         run.eoc.notes = run.stats.notes     # a prior that does not fit this run says so in the run's report
+
+
+    run.stats.schedule, run.stats.schedule_steps = config.schedule.name, config.schedule.steps
     for note in notes:
         log.info("ProCache: %s", note)
     run.budget = config.budget
@@ -300,6 +314,13 @@ def _parameter_device(module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def model_display_name(model_patcher) -> str:
+    """The model as ComfyUI names it in its log and model lists (its supported-model class, such as
+    PixArtSigma or Flux); the transformer's class where there is none."""
+    config = getattr(model_patcher.model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model_patcher.model.diffusion_model).__name__
 
 
 def schedule_for_run(schedule: Schedule, sigmas: list[float], model_sampling) -> tuple[Schedule, list[str]]:
@@ -411,16 +432,18 @@ def stop_caching_out_of_memory(run: Run, step: int) -> None:
 
 
 def stream_ids(transformer_options: dict, batch: int) -> tuple[str, ...]:
-    """One id per batch chunk: ComfyUI's per-conditioning uuid, else cond/uncond position."""
+    """One id per batch chunk: its role (positive, negative) and ComfyUI's per-conditioning uuid, else the
+    role and its position among the chunks of that role."""
     uuids = transformer_options.get("uuids")
     cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
     if uuids and len(uuids) == len(cond_or_uncond) and batch % len(uuids) == 0:
-        return tuple(str(u) for u in uuids)
+        # the role first: the panel names streams by it (procache_core.stats.stream_labels)
+        return tuple(f"{'negative' if c == 1 else 'positive'}:{u}" for c, u in zip(cond_or_uncond, uuids))
     if batch % len(cond_or_uncond) == 0:
         seen: dict[int, int] = {}
         ids = []
         for c in cond_or_uncond:         # the n-th positive chunk is the same stream in every call
             seen[c] = seen.get(c, -1) + 1
-            ids.append(f"{'uncond' if c == 1 else 'cond'}-{seen[c]}")
+            ids.append(f"{'negative' if c == 1 else 'positive'}-{seen[c]}")
         return tuple(ids)
     return ("all",)

@@ -21,6 +21,11 @@ def describe(schedule: Schedule) -> str:
     return text
 
 
+def menu_order(name: str) -> tuple[int, str]:
+    """The paper's patterns first, then the user's searched ones, then the generic fallbacks (many)."""
+    return (0 if name.startswith("procache-") else 2 if name.startswith("generic-") else 1, name)
+
+
 def build_schedule(source: str, pattern: str, interval: int, steps: int, selective: bool) -> Schedule:
     if source == TYPED:
         schedule = parse_pattern(pattern)
@@ -41,7 +46,7 @@ def build_schedule(source: str, pattern: str, interval: int, steps: int, selecti
 class ProCacheScheduleLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        names = list(library.listing())
+        names = sorted(library.listing(), key=menu_order)
         return io.Schema(
             node_id="ProCacheScheduleLoader",
             display_name="ProCache Schedule Loader",

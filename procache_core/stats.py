@@ -5,6 +5,7 @@ The panel, the node's report text and the benchmarks read these; nothing here ch
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 from .schedule import StepKind
@@ -28,6 +29,11 @@ class RunStats:
         self.steps = [StepRecord(planned=k) for k in planned]
         self.mode = mode
         self.model = model
+        self.schedule = ""              # the connected schedule's name
+        self.schedule_steps = len(planned)   # its own length (the sampler may run another count)
+        # "complete", or how the run ended early: set by whoever sees the sampler stop
+        # ("cancelled": the user interrupted; "failed: <error>": an exception)
+        self.ending = "complete"
         self.streams: list[str] = []
         self.started = time.time()
         self.wall_seconds = 0.0
@@ -91,6 +97,45 @@ class RunStats:
         return self.letters(self.streams[0]).count(letter)
 
     @property
+    def steps_run(self) -> int:
+        return sum(1 for r in self.steps if r.calls)
+
+    @property
+    def status(self) -> str:
+        """complete, cancelled, failed, or partial (ended without an error before its last step)."""
+        if self.ending != "complete":
+            return self.ending.split(":")[0]
+        return "partial" if self.steps_run < len(self.steps) else "complete"
+
+    def timing(self) -> dict:
+        """Sampling time and an estimate of it without caching, over the steps that ran.
+
+        Without caching every step that ran would have taken as long as this run's typical full
+        step (the median); the time outside the model (sampler, callbacks) stays as measured.
+        """
+        ran = [r for r in self.steps if r.calls]
+        first = self.streams[0] if self.streams else None
+        full = [r.seconds for r in ran if r.actual.get(first) == "F"]
+        model_seconds = sum(r.seconds for r in ran)
+        sampling = max(self.wall_seconds, model_seconds)
+        # the median: a first step that also warmed up kernels would inflate a mean
+        without = sampling - model_seconds + statistics.median(full) * len(ran) if full else sampling
+        return {"sampling_seconds": round(sampling, 4), "seconds_without": round(without, 4),
+                "speedup": round(without / sampling, 4) if sampling > 0 else 1.0}
+
+    def headline(self) -> str:
+        """The run in a user's words: how much faster, and the time with and without caching."""
+        t = self.timing()
+        if not self.steps_run:
+            return f"{self.status}: no step ran"
+        speed = (f"about {t['speedup']:.1f}x faster, sampling {_seconds(t['sampling_seconds'])} "
+                 f"(about {_seconds(t['seconds_without'])} without)")
+        if self.status == "complete":
+            return speed
+        how = {"cancelled": "cancelled", "failed": "failed", "partial": "stopped"}[self.status]
+        return f"{how} after {self.steps_run} of {len(self.steps)} steps; over those: {speed}"
+
+    @property
     def flops_speedup(self) -> float:
         work = self._flops()
         done = sum(d for d, _ in work)
@@ -99,13 +144,25 @@ class RunStats:
 
     def summary(self) -> dict:
         stream_names = {s: f"stream {i}" for i, s in enumerate(self.streams)}
+        planned_run = [r.planned for r in self.steps if r.calls]
         return {
             "mode": self.mode,
             "model": self.model,
+            "schedule": self.schedule,
+            "schedule_steps": self.schedule_steps,
+            "status": self.status,
+            "error": self.ending.partition(": ")[2],
             "steps": len(self.steps),
+            "steps_run": self.steps_run,
+            "headline": self.headline(),
+            **self.timing(),
+            # the schedule's own figure, over the steps that ran: steps / full steps planned
+            "schedule_speedup": round(len(planned_run) / max(1, planned_run.count(StepKind.FULL)), 4),
             "planned": "".join(str(int(r.planned)) for r in self.steps),
             "actual": {stream_names[s]: self.letters(s) for s in self.streams},
-            "seconds_per_step": [round(r.seconds, 5) for r in self.steps],
+            "stream_labels": stream_labels(self.streams, stream_names),
+            # None for a step that never ran (cancelled, failed and partial runs)
+            "seconds_per_step": [round(r.seconds, 5) if r.calls else None for r in self.steps],
             # block work run per step, as a share of a full step (selective steps and routers'
             # partly computed steps lie between 0 and 1); None for a step that never ran
             "compute_share": [round(done / full, 4) if full else None for done, full in self._flops()],
@@ -121,5 +178,29 @@ class RunStats:
 
     def line(self) -> str:
         c = self.summary()["counts"]
-        return (f"ProCache [{self.mode}] {self.model}: {c['full']} full / {c['selective']} selective / "
-                f"{c['reuse']} reused of {len(self.steps)} steps, block FLOPs speedup {self.flops_speedup:.2f}x")
+        return (f"ProCache [{self.mode}] {self.model}: {self.headline()}; {c['full']} full / {c['selective']} "
+                f"selective / {c['reuse']} reused of {self.steps_run} steps run, "
+                f"block FLOPs {self.flops_speedup:.2f}x fewer")
+
+
+def stream_labels(streams: list[str], names: dict[str, str]) -> dict[str, str]:
+    """What a user calls each stream: the host names its streams '<role>-...' or '<role>:...'
+    (positive, negative); a role seen more than once is numbered. Unknown ids keep their name."""
+    roles = [s.replace(":", "-").split("-")[0] for s in streams]
+    labels = {}
+    for stream, role in zip(streams, roles):
+        if role not in ("positive", "negative"):
+            labels[names[stream]] = names[stream]
+        elif roles.count(role) > 1:
+            labels[names[stream]] = f"{role} {roles[:streams.index(stream) + 1].count(role)}"
+        else:
+            labels[names[stream]] = role
+    return labels
+
+
+def _seconds(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min"

@@ -87,6 +87,12 @@ def test_cancel_mid_sampling_frees_the_cache_and_next_run_is_fresh(pack):
                             disable_pbar=True, callback=cancel_at_step_3)
     cancelled = LAST_RUNS.latest()
     assert cancelled["actual"]["stream 0"].startswith("FRRF") and cancelled["actual"]["stream 0"][4:] == "--"
+    # marked as cancelled, its figures over the 4 steps that ran, the steps never run without a time
+    assert cancelled["status"] == "cancelled" and cancelled["steps_run"] == 4
+    assert cancelled["headline"].startswith("cancelled after 4 of 6 steps; over those: about")
+    assert cancelled["seconds_per_step"][4:] == [None, None] and all(cancelled["seconds_per_step"][:4])
+    assert cancelled["schedule_speedup"] == 2.0                  # 4 steps, 2 of them full
+    assert sorted(cancelled["stream_labels"].values()) == ["negative", "positive"]   # CFG 2: both passes
     assert _no_instance_forwards(mp) == []
     assert torch.equal(comfy_env.sample(patched, "wan"), comfy_env.sample(_apply(pack, mp).result[0], "wan"))
 

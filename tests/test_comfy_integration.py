@@ -318,6 +318,15 @@ def test_bad_input_is_a_clear_message_before_anything_runs(pack, source, pattern
         loader.execute(source, pattern, 3, steps, False)
 
 
+def test_loader_lists_the_paper_schedules_before_the_generic_ones(pack):
+    loader = pack.nodes.schedule_loader.ProCacheScheduleLoader
+    source = next(i for i in loader.define_schema().inputs if i.id == "source")
+    names = [n for n in source.options if n not in ("uniform interval", "typed pattern")]
+    kinds = [0 if n.startswith("procache-") else 2 if n.startswith("generic-") else 1 for n in names]
+    assert kinds == sorted(kinds) and kinds[0] == 0 and 2 in kinds
+    assert source.default == names[0]
+
+
 def test_apply_refuses_bad_settings_and_patches_nothing(pack):
     from procache_comfyui.procache_core import ScheduleError, parse_pattern
     mp = comfy_env.make_patcher("pixart")

@@ -249,3 +249,56 @@ def test_steps_computed_in_full_after_an_out_of_memory_count_as_full_steps():
     assert summary["compute_share"] == [1.0, 0.0, 0.0, 1.0, 1.0, None]
     assert summary["recovered_at_step"] == 3
     assert stats.flops_speedup == pytest.approx(50.0 / 30.0)        # 5 steps of work 10, 3 of them computed
+
+
+def _stats_after(steps_run: int, ending: str = "complete", overhead: float = 0.41):
+    """RunStats of a 10-step run with 4 full steps of which the first `steps_run` ran: full steps take
+    1 s, reused steps 0.25 s, both CFG streams in one batch; `overhead` seconds outside the model."""
+    from procache_core.stats import RunStats
+    schedule = parse_pattern("1,0,0,1,0,0,1,0,0,1")
+    stats = RunStats(list(schedule.kinds), mode="branch:pixart", model="PixArtSigma")
+    for step in range(steps_run):
+        kind = schedule.kinds[step]
+        full = kind == 1
+        stats.record_call(step, ("positive:a", "negative:b"), kind, 1.0 if full else 0.25,
+                          flops_done=10.0 if full else 0.0, flops_full=10.0, misses=0)
+    stats.wall_seconds = sum(r.seconds for r in stats.steps) + overhead
+    stats.ending = ending
+    return stats
+
+
+def test_run_statistics_of_a_cancelled_run_cover_only_the_steps_that_ran():
+    summary = _stats_after(5, "cancelled").summary()
+    assert summary["status"] == "cancelled" and summary["steps_run"] == 5 and summary["steps"] == 10
+    assert summary["seconds_per_step"] == [1.0, 0.25, 0.25, 1.0, 0.25] + [None] * 5
+    # model time 2.75 s + 0.41 s outside it; without caching the 5 steps take 5 x 1 s + 0.41 s
+    assert summary["sampling_seconds"] == pytest.approx(3.16)
+    assert summary["seconds_without"] == pytest.approx(5.41)
+    assert summary["speedup"] == pytest.approx(5.41 / 3.16, abs=1e-4)
+    assert summary["schedule_speedup"] == 2.5 and summary["flops_speedup"] == 2.5     # 5 steps, 2 full
+    assert summary["headline"] == ("cancelled after 5 of 10 steps; over those: about 1.7x faster, "
+                                   "sampling 3.2 s (about 5.4 s without)")
+    assert summary["actual"] == {"stream 0": "FRRFR-----", "stream 1": "FRRFR-----"}
+    assert summary["stream_labels"] == {"stream 0": "positive", "stream 1": "negative"}
+    assert "cancelled after 5 of 10 steps" in _stats_after(5, "cancelled").line()
+
+
+def test_run_statistics_name_complete_failed_and_partial_runs():
+    complete = _stats_after(10).summary()
+    assert complete["status"] == "complete" and complete["error"] == ""
+    assert complete["headline"] == "about 1.8x faster, sampling 5.9 s (about 10 s without)"   # 10.41 / 5.91 s
+    assert complete["schedule_speedup"] == 2.5
+    failed = _stats_after(3, "failed: RuntimeError: boom").summary()
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: boom"
+    assert failed["headline"].startswith("failed after 3 of 10 steps; over those: about")
+    partial = _stats_after(9).summary()
+    assert partial["status"] == "partial" and partial["headline"].startswith("stopped after 9 of 10 steps")
+    assert _stats_after(0, "cancelled").summary()["headline"] == "cancelled: no step ran"
+
+
+def test_stream_labels_number_a_role_seen_twice():
+    from procache_core.stats import stream_labels
+    streams = ["positive-0", "positive-1", "negative-0", "all"]
+    names = {s: f"stream {i}" for i, s in enumerate(streams)}
+    assert stream_labels(streams, names) == {"stream 0": "positive 1", "stream 1": "positive 2",
+                                             "stream 2": "negative", "stream 3": "stream 3"}

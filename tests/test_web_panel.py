@@ -13,8 +13,10 @@ folder, and to docs/panel.png with PROCACHE_DOCS_SCREENSHOT=1.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,6 +37,12 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 NODE = shutil.which("node")
 PATTERN = "[1,0,2,0]x3"          # 12 steps: 3 full, 3 selective, 6 reused
 STEPS = 12
+MISMATCH_STEPS = 8               # a sampler set to another step count than the schedule's
+CANCEL_STEPS, CANCEL_AT_STEP = 40, 4     # a longer run, interrupted from the page after its 5th step
+BAD_PATTERN_ERROR = "the pattern may only contain 0, 1, 2, commas and [group]xN"     # for "1,0,0,x"
+PLAN_TEXT = "cache in VRAM: 120 MiB of 8 GiB free"      # a plan line as the run summary carries it
+DOCS_TEMPLATE = "procache_pixart_sigma_t2i.json"
+TEMPLATES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 
 
 # The Python that runs the server: this one, or COMFYUI_PYTHON (e.g. a virtual environment that holds
@@ -164,6 +172,17 @@ def _graphs() -> tuple[dict, dict]:
     return plain, cached
 
 
+def _docs_graph() -> dict:
+    """The README picture's run: the PixArt template's schedule and step count, on the tiny model."""
+    template = json.load(open(os.path.join(ROOT, "workflows", "api", DOCS_TEMPLATE)))
+    loader = next(n for n in template.values() if n["class_type"] == "ProCacheScheduleLoader")
+    sampler = next(n for n in template.values() if n["class_type"] == "KSampler")
+    _, graph = _graphs()
+    graph["7"]["inputs"].update(loader["inputs"])
+    graph["5"]["inputs"].update(steps=sampler["inputs"]["steps"], cfg=sampler["inputs"]["cfg"])
+    return graph
+
+
 def _letters(schedule: Schedule) -> str:
     return "".join({StepKind.FULL: "F", StepKind.SELECTIVE: "S", StepKind.REUSE: "R"}[k] for k in schedule.kinds)
 
@@ -188,7 +207,7 @@ def _preview_cases(library: dict[str, str]) -> list[tuple[dict, str]]:
     for values, schedule in cases:
         values = {"pattern": "", "interval": 3, **values}
         out.append((values, _letters(schedule)))
-    return out
+    return out + [({"source": "typed pattern", "pattern": "1,0,0,x", "interval": 3, "steps": 0, "selective": False}, "")]
 
 
 def _tracebacks(log: str) -> list[list[str]]:
@@ -215,15 +234,21 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     # The README's picture is refreshed only on request (PROCACHE_DOCS_SCREENSHOT=1), so a test run
     # leaves the checkout as it found it.
     shots = [str(screenshot)]
+    cancel_shots, docs_shots = [str(tmp_path / "panel-cancelled.png")], [str(tmp_path / "panel-template.png")]
     if os.environ.get("PROCACHE_DOCS_SCREENSHOT") == "1":
-        shots.append(os.path.join(ROOT, "docs", "panel.png"))
+        docs_shots.append(os.path.join(ROOT, "docs", "panel.png"))
+        cancel_shots.append(os.path.join(ROOT, "docs", "panel-cancelled.png"))
     spec = {"url": url, "chromium": CHROMIUM, "user_data_dir": str(tmp_path / "chromium-profile"),
             "screenshots": shots, "plain_prompt": plain, "cached_prompt": cached,
             "preview_cases": [values for values, _ in cases], "report": str(report_path),
-            "failure_screenshot": str(tmp_path / "failure.png")}
+            "failure_screenshot": str(tmp_path / "failure.png"),
+            "mismatch_steps": MISMATCH_STEPS, "cancel_steps": CANCEL_STEPS, "cancel_at_step": CANCEL_AT_STEP,
+            "cancel_screenshots": cancel_shots, "docs_screenshots": docs_shots, "docs_template": DOCS_TEMPLATE,
+            "docs_prompt": _docs_graph(), "plan_text": PLAN_TEXT,
+            "templates": [{"name": os.path.basename(path), "doc": json.load(open(path))} for path in TEMPLATES]}
     (tmp_path / "input.json").write_text(json.dumps(spec))
     done = subprocess.run([NODE, os.path.join(WEB_TESTS, "panel_test.mjs"), str(tmp_path / "input.json")],
-                          cwd=WEB_TESTS, capture_output=True, text=True, timeout=240)
+                          cwd=WEB_TESTS, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(report_path.read_text())
     assert "script_error" not in report, report["script_error"] + "\nsteps: " + str(report["steps"])
@@ -233,8 +258,11 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     assert report["page_errors"] == []
     ours = [r for r in report["failed_requests"] if "procache" in r["url"].lower()]
     assert ours == []
+    # (the missing-models dialog asks the model hosts for file sizes, which the page's policy blocks)
     errors = [c for c in report["console"] if c["type"] == "error"
-              and not (c["text"].startswith("Failed to load resource") and "procache" not in c["url"].lower())]
+              and not (c["text"].startswith("Failed to load resource") and "procache" not in c["url"].lower())
+              and not ("https://huggingface.co/" in c["text"] and "Content Security Policy" in c["text"])
+              and not c["text"].startswith("Error fetching file size: TypeError: Failed to fetch")]
     assert errors == [], errors
     assert not [c for c in report["console"] if "procache" in (c["text"] + c["url"]).lower()]
 
@@ -251,12 +279,18 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     assert preview["ProCacheApply"] == ""                     # no run yet
     assert report["preview"]["pixels"]["letters"] == expected
     for (values, want), got in zip(cases, report["preview_cases"]):
-        assert got == want, values
+        assert got["value"] == want, values
+        # the Loader shows only the widgets its source uses
+        assert got["hidden"] == {"typed pattern": ["interval"], "uniform interval": ["pattern"]}.get(
+            values["source"], ["interval", "pattern"]), values
+    # an error in full (wrapped over lines on the node, never cut), with no strip
+    error = report["preview_cases"][-1]
+    assert error["value"] == "" and error["text"] == f"error: {BAD_PATTERN_ERROR}"
     assert "No ProCache run yet" in report["panel_before"]
 
     # the run: the panel against the schedule and the server's statistics
     assert report["cached_result"]["ok"], report["cached_result"]
-    latest = _get(url + "/procache/last_run")["latest"]
+    latest = report["last_run"]         # GET /procache/last_run right after this run
     schedule = parse_pattern(PATTERN)
     counts = {"full": schedule.count(StepKind.FULL), "selective": schedule.count(StepKind.SELECTIVE),
               "reused": schedule.count(StepKind.REUSE)}
@@ -264,9 +298,23 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     assert len(report["panel"]) == 1
     run = report["panel"][0]
     assert run["mode"] == latest["mode"] == "branch:pixart"
-    assert "branch-level (pixart)" in run["text"]
-    assert [s["name"] for s in run["streams"]] == list(latest["actual"]) == ["stream 0", "stream 1"]  # CFG
+    assert latest["status"] == "complete" == run["status"] and latest["steps_run"] == STEPS
+    # in a user's words: the model as ComfyUI names it, the schedule, how much faster and the time saved
+    assert run["title"] == f"{latest['model']} · {latest['schedule']}" and latest["model"] == "PixArtSigma"
+    assert run["headline"] == latest["headline"]
+    assert re.fullmatch(r"about \d+\.\dx faster, sampling \d+(\.\d)? s \(about \d+(\.\d)? s without\)", run["headline"])
+    assert "stream" not in run["text"] and "PixArtMS" not in run["text"] and "(?)" not in run["text"]
+    assert not run["details_open"] and "each block's attention and MLP cached separately" in run["details"]
+    assert sorted(s["name"] for s in run["streams"]) == list(latest["actual"]) == ["stream 0", "stream 1"]  # CFG
+    assert [s["label"] for s in run["streams"]] == ["positive", "negative"]
+    assert all(s["label"] == latest["stream_labels"][s["name"]] for s in run["streams"])
     for stream in run["streams"]:
+        # the strip's tooltip counts each kind and says what its colour means
+        assert stream["tooltip"].startswith(f"{stream['label']}: 3 full (blue) · 3 selective (amber") and "6 reused" in stream["tooltip"]
+        # a selective step's share of the work is never rounded away to 0%
+        for kind, title in zip(stream["cells"], stream["cell_titles"]):
+            if kind == "S":
+                assert "selective" in title and " 0% " not in title and "of the block work computed" in title
         assert {k: stream[k] for k in counts} == counts, stream
         assert stream["cells"] == latest["actual"][stream["name"]] == expected
         # the share of block work each step ran: full 1, reuse 0, selective in between
@@ -276,10 +324,24 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     seconds = [float(s) for s in run["seconds"]]
     assert len(seconds) == STEPS and all(s > 0 for s in seconds)
     assert seconds == pytest.approx(latest["seconds_per_step"], abs=1e-6)
-    assert float(run["theoretical"]) == pytest.approx(schedule.theoretical_speedup())
-    full = [s for s, k in zip(seconds, expected) if k == "F"]
-    assert float(run["measured"]) == pytest.approx(sum(full) / len(full) * STEPS / sum(seconds), rel=1e-3)
-    assert "× measured" in run["text"] and "× theoretical" in run["text"]
+    assert float(run["schedule"]) == pytest.approx(schedule.theoretical_speedup())
+    # measured: every step at the median full step's time, plus the time outside the model, over the wall time
+    full = sorted(s for s, k in zip(seconds, expected) if k == "F")
+    without = latest["sampling_seconds"] - sum(seconds) + full[len(full) // 2] * STEPS
+    assert float(run["measured"]) == pytest.approx(without / latest["sampling_seconds"], rel=1e-3)
+    assert latest["sampling_seconds"] >= sum(seconds) - 1e-3
+    # while running, the title names the model and the schedule and the headline counts the steps
+    # (read after each step event; the page may render two events at once, so some steps go unread)
+    live = [re.fullmatch(rf"{latest['model']} · {latest['schedule']} \| running: step (\d+) of {STEPS}", t)
+            for t in report["live_titles"]]
+    assert len(live) >= 3 and all(live), report["live_titles"]
+    numbers = [int(m.group(1)) for m in live]
+    assert numbers == sorted(numbers) and numbers[0] <= 2
+
+    # the Apply node shows its report on the node, as the server sent it, and does not save it
+    node_report = report["node_report"]
+    assert node_report["shown"] == node_report["sent"] and "theoretical speedup" in node_report["shown"]
+    assert f"made for a {STEPS}-step sampler" in node_report["shown"] and not node_report["serialized"]
     # live events: one per step, then the summary
     assert [e["step"] for e in report["events"] if e["type"] == "procache.step"] == list(range(STEPS))
     assert [e["type"] for e in report["events"]][-1] == "procache.run"
@@ -293,7 +355,42 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     trainer = report["router_trainer"]
     assert trainer.get("beta") == pytest.approx(7e-8, rel=1e-6) and trainer["router_widget"], trainer
 
-    assert all(os.path.getsize(path) > 10000 for path in shots)
+    # the sampler set to another step count: a warning on the node before the run, in the panel after it
+    before = report["mismatch_before"]
+    assert before["text"].startswith(f"warning: the sampler is set to {MISMATCH_STEPS} steps, this schedule has {STEPS}")
+    assert report["mismatch_result"]["ok"]
+    warned = report["mismatch_panel"][-1]
+    assert warned["warning"].startswith(f"the sampler ran {MISMATCH_STEPS} steps, but the schedule was made for {STEPS}")
+    assert report["matched_after"]["text"] == ""                # sampler and Loader agree again
+
+    # a cancelled run: marked, over the steps that ran, steps never run shown as such, also after a reload
+    assert report["cancel_result"].get("interrupted"), report["cancel_result"]
+    cancelled = report["cancelled_run"]
+    ran = cancelled["steps_run"]
+    assert cancelled["status"] == "cancelled" and CANCEL_AT_STEP < ran < CANCEL_STEPS
+    shown = report["cancel_panel"][-1]
+    assert shown["status"] == "cancelled" and shown["headline"] == cancelled["headline"]
+    assert shown["headline"].startswith(f"cancelled after {ran} of {CANCEL_STEPS} steps; over those: about")
+    assert float(shown["measured"]) == pytest.approx(cancelled["speedup"])
+    ran_planned = cancelled["planned"][:ran]
+    assert float(shown["schedule"]) == pytest.approx(ran / ran_planned.count("1"))
+    assert shown["seconds"][ran:] == [""] * (CANCEL_STEPS - ran)
+    assert all(t.endswith(": not run") for t in shown["bar_titles"][ran:]) and "(?)" not in shown["text"]
+    assert f"over the {ran} steps that ran" in shown["details"]
+    assert report["reload_panel"] == [{"status": "cancelled", "headline": cancelled["headline"]}]
+
+    # every shipped template opens without an alert and names every model file it needs
+    assert [t["name"] for t in report["templates"]] == [os.path.basename(p) for p in TEMPLATES]
+    for template, path in zip(report["templates"], TEMPLATES):
+        assert template["alerts"] == [] and template["toasts"] == [], template
+        files = {m["name"] for node in json.load(open(path))["nodes"]
+                 for m in node.get("properties", {}).get("models", [])}
+        assert files and all(any(name in item for item in template["missing"]) for name in files), template
+
+    assert report["docs_result"]["ok"], report["docs_result"]
+    assert f"cache plan: {PLAN_TEXT}" in report["plan_panel"]["details"]
+    assert "cache plan" not in report["cancel_panel"][-1]["details"]          # a summary without one
+    assert all(os.path.getsize(path) > 10000 for path in shots + cancel_shots + docs_shots)
     # no traceback in the server's log; one exception: SQLAlchemy's garbage collector may report a
     # connection of ComfyUI's own database finalised from another thread (frames all in SQLAlchemy)
     assert [t for t in _tracebacks(server_log.read_text().split("Starting server")[-1])

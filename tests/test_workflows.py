@@ -127,6 +127,21 @@ def all_specs(info: dict) -> dict:
 
 
 # ---- checking one UI workflow ---------------------------------------------------------------------------
+def model_list_problems(where: str, node: dict, texts: list[str]) -> list[str]:
+    """The frontend's workflow schema requires name, directory and url for each entry of a node's
+    properties.models (one without a url fails the whole file with an alert), and its missing-models
+    dialog lists only the files named there: so every model file a widget names must be listed."""
+    models = node.get("properties", {}).get("models", [])
+    problems = [f"{where}: model entry {m.get('name')!r} lacks {key}" for m in models
+                for key in ("name", "directory", "url") if not m.get(key)]
+    problems += [f"{where}: model entry {m['name']!r} has no https download address: {m['url']!r}"
+                 for m in models if m.get("url") and not str(m["url"]).startswith("https://")]
+    listed = {m.get("name") for m in models}
+    problems += [f"{where}: model file {text!r} is not in properties.models"
+                 for text in texts if text.lower().endswith(MODEL_FILE_ENDINGS) and text not in listed]
+    return problems
+
+
 def ui_problems(doc: dict, infos: dict) -> list[str]:
     problems = []
     nodes = {n["id"]: n for n in doc["nodes"]}
@@ -153,6 +168,7 @@ def ui_problems(doc: dict, infos: dict) -> list[str]:
         if len(values) != len(expected):
             problems.append(f"{where}: {len(values)} widget values, the node has {len(expected)} widgets")
             continue
+        problems += model_list_problems(where, node, [v for v in values if isinstance(v, str)])
         for (name, spec, control), value in zip(expected, values):
             if control:
                 if value not in CONTROL_VALUES:
@@ -342,6 +358,10 @@ def test_comfy_checker_catches_broken_workflows(infos):
     assert any("no_such_sampler" in p for p in problems)
     assert any("end_percent=1.5 is above" in p for p in problems)
     assert any(f"link {vae_link[0]}" in p for p in problems)
+    del nodes["UNETLoader"]["properties"]["models"][0]["url"]
+    assert any("lacks url" in p for p in ui_problems(doc, infos))
+    nodes["UNETLoader"]["properties"]["models"] = []
+    assert any("flux1-dev.safetensors' is not in properties.models" in p for p in ui_problems(doc, infos))
     del nodes["ProCacheApply"]["widgets_values"][-1]
     assert any("widget values" in p for p in ui_problems(doc, infos))
 

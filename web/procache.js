@@ -29,8 +29,8 @@ function onStep(detail) {
     live = { live: true, node: executingNode, seconds_per_step: new Array(detail.steps).fill(null) };
     runs.push(live);
   }
-  Object.assign(live, { steps: detail.steps, planned: detail.planned, actual: detail.actual, mode: detail.mode,
-                        step: detail.step });
+  const { seconds: _, ...fields } = detail;
+  Object.assign(live, fields);
   live.seconds_per_step[detail.step] = detail.seconds;
   refresh();
 }
@@ -53,8 +53,8 @@ function countKinds(letters) {
 
 function modeText(mode) {
   if (!mode) return "";
-  if (mode.startsWith("branch:")) return `branch-level (${mode.slice(7)})`;
-  if (mode === "model-level") return "model-level fallback";
+  if (mode.startsWith("branch:")) return `each block's attention and MLP cached separately (${mode.slice(7)} layout)`;
+  if (mode === "model-level") return "whole-model output cached (no block layout known for this model)";
   return mode;
 }
 
@@ -62,19 +62,20 @@ function firstStream(run) {
   return Object.values(run.actual || {})[0] || "";
 }
 
-// Theoretical: the schedule's step count over its full steps (Schedule.theoretical_speedup()).
-// Measured: every step at the mean time of this run's full steps, over the time the steps took.
-function speedups(run) {
-  const planned = run.planned || "";
-  const full = [...planned].filter((c) => c === "1").length;
-  const theoretical = full ? planned.length / full : 0;
-  const letters = firstStream(run);
-  const secs = (run.seconds_per_step || []).map((s) => s || 0);
-  const fullTimes = secs.filter((_, i) => letters[i] === "F");
-  const perFull = fullTimes.length ? fullTimes.reduce((a, b) => a + b, 0) / fullTimes.length : 0;
-  const total = secs.reduce((a, b) => a + b, 0);
-  const measured = !run.live && total > 0 && perFull > 0 ? (perFull * secs.length) / total : 0;
-  return { theoretical, measured };
+function streamLabel(run, stream) {
+  return run.stream_labels?.[stream] || stream;
+}
+
+function seconds(s) {
+  return s < 10 ? `${s.toFixed(1)} s` : s < 120 ? `${Math.round(s)} s` : `${(s / 60).toFixed(1)} min`;
+}
+
+// Set when the sampler ran another step count than the schedule was made for (it was resampled).
+function stepMismatch(run) {
+  if (!run.schedule_steps || run.schedule_steps === run.steps) return "";
+  return `the sampler ran ${run.steps} steps, but the schedule was made for ${run.schedule_steps}: it was ` +
+    `resampled to ${run.steps} steps. Set the sampler to ${run.schedule_steps} steps (or the Loader's steps ` +
+    `to ${run.steps}) to run the schedule as made.`;
 }
 
 function meanTimes(run) {
@@ -95,26 +96,41 @@ function element(tag, className, text, style) {
   return el;
 }
 
+// The share of the block work a step computed, as a person reads it: never "0%" for a step that
+// computed something (a selective step on a large image may refresh well under 1%).
+function shareText(share) {
+  const pct = 100 * share;
+  return pct >= 10 ? `${Math.round(pct)}%` : pct >= 0.1 ? `${pct.toFixed(1)}%` : "under 0.1%";
+}
+
 // A cached step that still ran part of the block work (selective tokens, a router's computed
-// units) gets that share of its cell filled in the full-step colour, from the bottom.
+// units) gets that share of its cell filled in the full-step colour, from the bottom; at least a
+// fifth, so a small share stays visible (its tooltip gives the exact figure).
 function cellBackground(kind, share) {
   const base = COLORS[kind] || PENDING;
   if (kind === "F" || share == null || share <= 0) return base;
-  const pct = Math.min(100, Math.max(1, Math.round(100 * share)));
+  const pct = Math.min(100, Math.max(20, Math.round(100 * share)));
   return `linear-gradient(to top, ${COLORS.F} ${pct}%, ${base} ${pct}%)`;
 }
 
-function stripElement(letters, title, shares) {
+function stripTooltip(letters) {
+  const c = countKinds(letters);
+  const pending = [...letters].filter((k) => !(k in c)).length;
+  return `${c.F} full (blue) · ${c.S} selective (amber: only the important tokens recomputed) · ` +
+    `${c.R} reused (grey: cached outputs reused)` + (pending ? ` · ${pending} not run (dark)` : "");
+}
+
+function stripElement(letters, label, shares) {
   const row = element("div", "procache-strip", null, "display:flex;gap:1px;margin:2px 0 6px 0;");
-  row.title = title;
+  row.title = `${label}: ${stripTooltip(letters)}`;
   [...letters].forEach((c, i) => {
     const share = shares ? shares[i] : null;
     const cell = element("div", `procache-cell procache-${LABELS[c] || "pending"}`, null,
       `flex:1 1 0;max-width:14px;min-width:2px;height:14px;background:${cellBackground(c, share)};`);
     cell.dataset.kind = c;
     cell.dataset.share = share == null ? "" : share.toFixed(4);
-    const work = share == null || c === "F" ? "" : `, ${Math.round(100 * share)}% of the block work computed`;
-    cell.title = `step ${i}: ${LABELS[c] || "not run yet"}${work}`;
+    const work = !(share > 0) || c === "F" ? "" : `, ${shareText(share)} of the block work computed`;
+    cell.title = `step ${i + 1}: ${LABELS[c] || "not run"}${work}`;
     row.appendChild(cell);
   });
   return row;
@@ -130,10 +146,43 @@ function timeChart(run) {
       `flex:1 1 0;max-width:14px;min-width:2px;height:${s == null ? 0 : Math.max(1, Math.round(40 * s / top))}px;` +
       `background:${COLORS[letters[i]] || PENDING};`);
     bar.dataset.seconds = s == null ? "" : String(s);
-    bar.title = s == null ? `step ${i}: not run yet` : `step ${i}: ${(1000 * s).toFixed(1)} ms (${LABELS[letters[i]] || "?"})`;
+    bar.title = s == null ? `step ${i + 1}: not run` : `step ${i + 1}: ${(1000 * s).toFixed(1)} ms (${LABELS[letters[i]]})`;
     chart.appendChild(bar);
   });
   return chart;
+}
+
+function headlineText(run) {
+  if (run.live) return `running: step ${run.step + 1} of ${run.steps}`;
+  return run.headline || `${run.steps} steps`;
+}
+
+function detailsElement(run) {
+  const details = element("details", "procache-details", null, "margin-top:4px;");
+  details.appendChild(element("summary", null, "details", "cursor:pointer;opacity:0.8;"));
+  const add = (className, text) => details.appendChild(element("div", className, text, "margin-top:3px;"));
+  add("procache-mode", `caching: ${modeText(run.mode)}`);
+  if (run.plan?.text) add("procache-plan", `cache plan: ${run.plan.text}`);
+  add("procache-time-label", `time per step: ${meanTimes(run).join(", ")}`);
+  details.appendChild(timeChart(run));
+  if (!run.live) {
+    const ran = run.steps_run ?? run.steps;
+    const speed = element("div", "procache-speed",
+      `measured: ${(run.speedup || 1).toFixed(2)}x (sampling ${seconds(run.sampling_seconds || 0)}, about ` +
+      `${seconds(run.seconds_without || 0)} without caching); the schedule's step count: ` +
+      `${(run.schedule_speedup || 1).toFixed(2)}x fewer full steps; block work (FLOPs): ` +
+      `${(run.flops_speedup || 1).toFixed(2)}x less` + (ran < run.steps ? ` (over the ${ran} steps that ran)` : ""),
+      "margin-top:3px;");
+    speed.dataset.measured = String(run.speedup ?? "");
+    speed.dataset.schedule = String(run.schedule_speedup ?? "");
+    speed.dataset.flops = String(run.flops_speedup ?? "");
+    details.appendChild(speed);
+  }
+  if (run.error) add("procache-error", `error: ${run.error}`);
+  for (const note of run.notes || []) {
+    details.appendChild(element("div", "procache-note", note, "opacity:0.7;font-size:11px;margin-top:3px;"));
+  }
+  return details;
 }
 
 function runElement(run, index) {
@@ -141,33 +190,28 @@ function runElement(run, index) {
   box.dataset.index = index;
   box.dataset.mode = run.mode || "";
   box.dataset.live = run.live ? "1" : "";
-  const title = run.live ? `running: step ${run.step + 1} of ${run.steps}` : `${run.steps} steps`;
-  box.appendChild(element("div", "procache-title", `${run.model || "model"} · ${run.schedule || "schedule"} · ${title}`,
+  box.dataset.status = run.live ? "running" : run.status || "complete";
+  box.appendChild(element("div", "procache-title", [run.model, run.schedule].filter(Boolean).join(" · "),
     "font-weight:bold;margin-bottom:2px;"));
-  box.appendChild(element("div", "procache-mode", `mode: ${modeText(run.mode)}`));
-  for (const [stream, letters] of Object.entries(run.actual || {})) {
+  const unfinished = !run.live && run.status && run.status !== "complete";
+  box.appendChild(element("div", "procache-headline", headlineText(run),
+    `font-size:13px;margin-bottom:2px;${unfinished ? "color:#f87171;" : ""}`));
+  const mismatch = stepMismatch(run);
+  if (mismatch) box.appendChild(element("div", "procache-warning", mismatch, "color:#f59e0b;margin:2px 0;"));
+  const order = (stream) => ["positive", "negative"].findIndex((role) => streamLabel(run, stream).startsWith(role)) >>> 0;
+  const streams = Object.entries(run.actual || {}).sort(([a], [b]) => order(a) - order(b));
+  for (const [stream, letters] of streams) {
     const c = countKinds(letters);
-    const label = element("div", "procache-stream", `${stream}: ${c.F} full · ${c.S} selective · ${c.R} reused`,
+    const label = streamLabel(run, stream);
+    const row = element("div", "procache-stream", `${label}: ${c.F} full · ${c.S} selective · ${c.R} reused`,
       "margin-top:4px;");
-    label.dataset.stream = stream;
-    label.dataset.full = c.F; label.dataset.selective = c.S; label.dataset.reused = c.R;
-    box.appendChild(label);
-    box.appendChild(stripElement(letters, stream, run.compute_share));
+    row.dataset.stream = stream;
+    row.dataset.label = label;
+    row.dataset.full = c.F; row.dataset.selective = c.S; row.dataset.reused = c.R;
+    box.appendChild(row);
+    box.appendChild(stripElement(letters, label, run.compute_share));
   }
-  box.appendChild(element("div", "procache-time-label", `time per step: ${meanTimes(run).join(", ")}`, "margin-top:4px;"));
-  box.appendChild(timeChart(run));
-  const { theoretical, measured } = speedups(run);
-  const speed = element("div", "procache-speed",
-    `speedup: ${measured ? measured.toFixed(2) + "× measured (step times)" : "measured when the run ends"}, ` +
-    `${theoretical.toFixed(2)}× theoretical (${(run.planned || "").length} steps / ` +
-    `${[...(run.planned || "")].filter((c) => c === "1").length} full)`);
-  speed.dataset.measured = measured ? measured.toFixed(4) : "";
-  speed.dataset.theoretical = theoretical.toFixed(4);
-  box.appendChild(speed);
-  if (run.flops_speedup) {
-    box.appendChild(element("div", "procache-flops", `block FLOPs: ${run.flops_speedup.toFixed(2)}× fewer`));
-  }
-  for (const note of run.notes || []) box.appendChild(element("div", "procache-note", note, "opacity:0.7;font-size:11px;"));
+  box.appendChild(detailsElement(run));
   return box;
 }
 
@@ -175,7 +219,7 @@ function renderPanel(el) {
   el.replaceChildren();
   const box = element("div", "procache-panel",
     null, "padding:10px;font:12px sans-serif;color:var(--fg-color,#ddd);overflow:auto;height:100%;box-sizing:border-box;");
-  box.appendChild(element("div", "procache-heading", "ProCache: steps of the last run", "font-size:14px;margin-bottom:8px;"));
+  box.appendChild(element("div", "procache-heading", "ProCache: the last run", "font-size:14px;margin-bottom:8px;"));
   const legend = element("div", "procache-legend", null, "display:flex;gap:10px;margin-bottom:10px;");
   for (const k of ["F", "S", "R"]) {
     const item = element("span", null, null, "display:flex;align-items:center;gap:4px;");
@@ -200,31 +244,72 @@ function refresh() {
 }
 
 // ---- strips on nodes -------------------------------------------------------------------------
-// A canvas widget of its own row under the node's widgets; never serialized, never sent.
-function addStripWidget(node, name, letters) {
+// A canvas widget of its own rows under the node's widgets; never serialized, never sent. `content`
+// gives { letters, lines, color }: the strip's F/S/R/- cells and text lines under it (an error in
+// full, a warning), wrapped to the node's width.
+const LINE_HEIGHT = 13;
+
+function wrapText(text, width) {
+  const perLine = Math.max(12, Math.floor((width - 30) / 6));
+  const lines = [];
+  let line = "";
+  for (const word of text.split(/\s+/)) {
+    if (line && line.length + 1 + word.length > perLine) { lines.push(line); line = ""; }
+    line = line ? `${line} ${word}` : word;
+    while (line.length > perLine) { lines.push(line.slice(0, perLine)); line = line.slice(perLine); }
+  }
+  if (line) lines.push(line);
+  return lines;
+}
+
+function addStripWidget(node, name, content) {
   const widget = {
     name, type: "procache_strip", value: "", y: 0, serialize: false, options: { serialize: false },
+    lines: [],
     draw(ctx, node, width, y) {
-      const text = letters.call(node);
-      this.value = text || "";
-      if (!text) return;
-      if (text.startsWith("error:")) {
-        ctx.fillStyle = "#f87171";
-        ctx.font = "11px sans-serif";
-        ctx.fillText(text.slice(0, 60), 15, y + 11);
-        return;
+      const { letters = "", lines = [], color = "#f87171" } = content.call(node) || {};
+      this.value = letters;
+      this.text = lines.join(" ");
+      this.tooltip = letters ? `${stripTooltip(letters)}${this.text ? `\n${this.text}` : ""}` : this.text;
+      const wrapped = lines.flatMap((l) => wrapText(l, width));
+      if (wrapped.length !== this.lines.length) {     // room for the text: grow (or shrink) the node
+        this.lines = wrapped;
+        node.setSize([node.size[0], node.computeSize([node.size[0], node.size[1]])[1]]);
+        node.setDirtyCanvas?.(true, true);
       }
-      const x0 = 15, w = Math.max(1, Math.floor((width - 30) / text.length));
-      [...text].forEach((c, i) => {
+      this.lines = wrapped;
+      const x0 = 15, w = letters ? Math.max(1, Math.floor((width - 30) / letters.length)) : 0;
+      [...letters].forEach((c, i) => {
         ctx.fillStyle = COLORS[c] || PENDING;
         ctx.fillRect(x0 + i * w, y + 2, Math.max(1, w - 1), STRIP_HEIGHT - 4);
       });
+      ctx.fillStyle = color;
+      ctx.font = "11px sans-serif";
+      const top = letters ? y + STRIP_HEIGHT : y;
+      wrapped.forEach((line, i) => ctx.fillText(line, x0, top + 10 + i * LINE_HEIGHT));
     },
-    computeSize(width) { return [width, STRIP_HEIGHT]; },
+    computeSize(width) {
+      return [width, (this.value ? STRIP_HEIGHT : 0) + this.lines.length * LINE_HEIGHT + (this.lines.length ? 4 : 0)
+        || STRIP_HEIGHT];
+    },
     mouse() { return false; },
   };
   node.addCustomWidget(widget);
   return widget;
+}
+
+// The Loader shows only the widgets its source uses: `pattern` for a typed pattern, `interval` for
+// a uniform interval, neither for a library schedule.
+function showLoaderWidgets(node, source) {
+  const wanted = { pattern: source === "typed pattern", interval: source === "uniform interval" };
+  let changed = false;
+  for (const w of node.widgets || []) {
+    if (!(w.name in wanted) || !!w.hidden === !wanted[w.name]) continue;
+    w.hidden = !wanted[w.name];
+    if (w.options) w.options.hidden = w.hidden;
+    changed = true;
+  }
+  if (changed) node.setSize([node.size[0], node.computeSize([node.size[0], node.size[1]])[1]]);
 }
 
 // The Loader's schedule, as procache_core builds it (schedule_loader.build_schedule), as F/S/R
@@ -328,23 +413,101 @@ function feedsFrom(graph, samplerId, applyId) {
     if (node.id === applyId) return true;
     for (const input of node.inputs || []) {
       if (input.link == null) continue;
-      const link = graph.links?.get ? graph.links.get(input.link) : graph.links?.[input.link];
+      const link = linkOf(graph, input.link);
       if (link) todo.push(graph.getNodeById(link.origin_id));
     }
   }
   return false;
 }
 
-function applyLetters() {
-  const node = this;
+function linkOf(graph, id) {
+  return graph.links?.get ? graph.links.get(id) : graph.links?.[id];
+}
+
+// The run that this Apply node fed (the newest); a graph with one Apply node shows the newest run in
+// any case (samplers inside subgraphs have ids the top graph does not know).
+function runFedBy(node) {
   const applies = (node.graph?._nodes || []).filter((n) => n.type === "ProCacheApply");
-  // the newest run fed by this node; a graph with one Apply node shows the newest run in any case
-  // (samplers inside subgraphs have ids the top graph does not know)
-  let run = [...runs].reverse().find((r) => r.node != null && feedsFrom(node.graph, r.node, node.id));
-  if (!run && applies.length === 1) run = runs[runs.length - 1];
-  if (!run) return "";
-  const letters = firstStream(run);
-  return run.live ? letters.padEnd(run.steps, "-") : letters;
+  const run = [...runs].reverse().find((r) => r.node != null && feedsFrom(node.graph, r.node, node.id));
+  return run || (applies.length === 1 ? runs[runs.length - 1] : null);
+}
+
+// The step count of the schedule connected to this Apply node: the Loader's preview, else what the
+// node reported when it last ran.
+function scheduleSteps(node) {
+  const input = (node.inputs || []).find((i) => i.name === "schedule");
+  const link = input?.link != null ? linkOf(node.graph, input.link) : null;
+  const loader = link ? node.graph.getNodeById(link.origin_id) : null;
+  if (loader?.type === "ProCacheScheduleLoader") {
+    const letters = loaderPreview(Object.fromEntries((loader.widgets || []).map((w) => [w.name, w.value])));
+    return letters && !letters.startsWith("error:") ? letters.length : 0;
+  }
+  return node.procacheScheduleSteps || 0;
+}
+
+// The `steps` widgets of the samplers (or schedulers) this node's model reaches, following the
+// model through nodes in between (model patches, guiders).
+function samplerSteps(node) {
+  const found = [], seen = new Set([node.id]);
+  const todo = [...(node.outputs?.[0]?.links || [])];
+  while (todo.length) {
+    const link = linkOf(node.graph, todo.pop());
+    const target = link ? node.graph.getNodeById(link.target_id) : null;
+    if (!target || seen.has(target.id)) continue;
+    seen.add(target.id);
+    const steps = target.widgets?.find((w) => w.name === "steps");
+    if (steps && typeof steps.value === "number") found.push(steps.value);
+    else for (const output of target.outputs || []) todo.push(...(output.links || []));
+  }
+  return found;
+}
+
+function applyContent() {
+  const node = this;
+  const run = runFedBy(node);
+  const letters = !run ? "" : run.live ? firstStream(run).padEnd(run.steps, "-") : firstStream(run);
+  const planned = scheduleSteps(node);
+  const other = samplerSteps(node).find((s) => s !== planned);
+  let warning = "";
+  if (planned && other != null) {
+    warning = `warning: the sampler is set to ${other} steps, this schedule has ${planned}: it will be resampled ` +
+      `to ${other} steps. Set the sampler to ${planned} steps, or the Loader's steps to ${other}.`;
+  } else if (run && !run.live && !planned && stepMismatch(run)) {
+    warning = `warning: ${stepMismatch(run)}`;
+  }
+  return { letters, lines: warning ? [warning] : [], color: "#f59e0b" };
+}
+
+// The node's report on the node itself, in a read-only text box (as ComfyUI's Preview as Text does).
+function showReport(node, text) {
+  let widget = node.widgets?.find((w) => w.name === "procache_report");
+  if (!widget) {
+    const widgets = window.comfyAPI?.widgets?.ComfyWidgets;
+    widget = widgets?.STRING(node, "procache_report", ["STRING", { multiline: true }], app).widget;
+    if (!widget) return;
+    widget.serialize = false;
+    widget.options = { ...widget.options, serialize: false, read_only: true };
+    if (widget.element) { widget.element.readOnly = true; widget.element.style.opacity = "0.85"; }
+    node.setSize([Math.max(node.size[0], 340), Math.max(node.size[1], node.computeSize()[1] + 60)]);
+  }
+  widget.value = text;
+  node.setDirtyCanvas?.(true, true);
+}
+
+function loaderContent() {
+  const values = Object.fromEntries((this.widgets || []).map((w) => [w.name, w.value]));
+  showLoaderWidgets(this, values.source);
+  const preview = loaderPreview(values);
+  return preview.startsWith("error:") ? { lines: [preview] } : { letters: preview };
+}
+
+function extendPrototype(nodeType, method, extra) {
+  const original = nodeType.prototype[method];
+  nodeType.prototype[method] = function () {
+    const r = original?.apply(this, arguments);
+    extra.apply(this, arguments);
+    return r;
+  };
 }
 
 app.registerExtension({
@@ -371,24 +534,15 @@ app.registerExtension({
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === "ProCacheApply") {
-      const created = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = created?.apply(this, arguments);
-        addStripWidget(this, "procache_last_run", applyLetters);
-        return r;
-      };
+      extendPrototype(nodeType, "onNodeCreated", function () { addStripWidget(this, "procache_last_run", applyContent); });
+      extendPrototype(nodeType, "onExecuted", function (message) {
+        if (message?.schedule_steps?.[0]) this.procacheScheduleSteps = message.schedule_steps[0];
+        if (typeof message?.text?.[0] === "string") showReport(this, message.text[0]);
+      });
     }
     if (nodeData.name === "ProCacheScheduleLoader") {
       loadLibrary();
-      const created = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = created?.apply(this, arguments);
-        addStripWidget(this, "procache_preview", function () {
-          const values = Object.fromEntries((this.widgets || []).map((w) => [w.name, w.value]));
-          return loaderPreview(values);
-        });
-        return r;
-      };
+      extendPrototype(nodeType, "onNodeCreated", function () { addStripWidget(this, "procache_preview", loaderContent); });
     }
   },
 });

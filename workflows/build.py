@@ -64,11 +64,9 @@ def is_link(value) -> bool:
     return isinstance(value, tuple) and value and value[0] == "link"
 
 
-def model_file(name: str, directory: str, url: str | None = None) -> dict:
-    entry = {"name": name, "directory": directory}
-    if url:
-        entry["url"] = url
-    return entry
+def model_file(name: str, directory: str, url: str) -> dict:
+    """A node's entry in the frontend's missing-models list; its schema requires the download address."""
+    return {"name": name, "directory": directory, "url": url}
 
 
 # ---- the ProCache chain every workflow shares ---------------------------------------------------------
@@ -109,12 +107,13 @@ PIXART_SIGMA_FILES = (
 def pixart_sigma_inputs(g: Graph):
     """PixArt-Σ's loaders, prompts and latent: (unet, vae, positive, negative, latent) node ids."""
     unet = g.add("UNETLoader", (0, 0), size=(320, 82), unet_name="PixArt-Sigma-XL-2-1024-MS.pth", weight_dtype="default",
-                 models=[model_file("PixArt-Sigma-XL-2-1024-MS.pth", "diffusion_models")])
+                 models=[model_file("PixArt-Sigma-XL-2-1024-MS.pth", "diffusion_models",
+                                    f"{HF}/PixArt-alpha/PixArt-Sigma/resolve/main/PixArt-Sigma-XL-2-1024-MS.pth")])
     clip = g.add("CLIPLoader", (0, 130), size=(320, 106), clip_name="t5xxl_fp16.safetensors", type="pixart", device="default",
                  models=[model_file("t5xxl_fp16.safetensors", "text_encoders",
                                     f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors")])
     vae = g.add("VAELoader", (0, 290), size=(320, 58), vae_name="sdxl_vae.safetensors",
-                models=[model_file("sdxl_vae.safetensors", "vae")])
+                models=[model_file("sdxl_vae.safetensors", "vae", f"{HF}/stabilityai/sdxl-vae/resolve/main/sdxl_vae.safetensors")])
     pos = g.add("CLIPTextEncode", (0, 400), size=(400, 160), title="Positive prompt", clip=out(clip),
                 text="a red fox curled up asleep in fresh snow at dawn, soft golden light, detailed fur, 35mm photo")
     neg = g.add("CLIPTextEncode", (0, 600), size=(400, 120), title="Negative prompt", clip=out(clip),
@@ -190,12 +189,14 @@ def pixart_alpha() -> Graph:
            "PixArt-α 1024 is micro-conditioned on the image size: **PixArtAlpha text encode** passes width and "
            "height. Schedule: the paper's PixArt-α pattern (20 steps, 7 full).", (-480, 0))
     unet = g.add("UNETLoader", (0, 0), size=(320, 82), unet_name="PixArt-XL-2-1024-MS.pth", weight_dtype="default",
-                 models=[model_file("PixArt-XL-2-1024-MS.pth", "diffusion_models")])
+                 models=[model_file("PixArt-XL-2-1024-MS.pth", "diffusion_models",
+                                    f"{HF}/PixArt-alpha/PixArt-alpha/resolve/main/PixArt-XL-2-1024-MS.pth")])
     clip = g.add("CLIPLoader", (0, 130), size=(320, 106), clip_name="t5xxl_fp16.safetensors", type="pixart", device="default",
                  models=[model_file("t5xxl_fp16.safetensors", "text_encoders",
                                     f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors")])
     vae = g.add("VAELoader", (0, 290), size=(320, 58), vae_name="vae-ft-mse-840000-ema-pruned.safetensors",
-                models=[model_file("vae-ft-mse-840000-ema-pruned.safetensors", "vae")])
+                models=[model_file("vae-ft-mse-840000-ema-pruned.safetensors", "vae",
+                                   f"{HF}/stabilityai/sd-vae-ft-mse-original/resolve/main/vae-ft-mse-840000-ema-pruned.safetensors")])
     pos = g.add("CLIPTextEncodePixArtAlpha", (0, 400), size=(400, 200), title="Positive prompt", clip=out(clip),
                 width=1024, height=1024,
                 text="an astronaut riding a horse across a desert of glass dunes, cinematic lighting")
