@@ -32,9 +32,10 @@ def pack():
     return procache_comfyui
 
 
-def _apply(pack, mp, pattern=PATTERN, cache_on_cpu=False):
+def _apply(pack, mp, pattern=PATTERN, cache_on_cpu=False, memory_budget="auto"):
     from procache_comfyui.procache_core import parse_pattern
-    return pack.nodes.apply_node.ProCacheApply.execute(mp, parse_pattern(pattern), 0.0, 1.0, False, cache_on_cpu)
+    return pack.nodes.apply_node.ProCacheApply.execute(mp, parse_pattern(pattern), 0.0, 1.0, False, cache_on_cpu,
+                                                       memory_budget=memory_budget)
 
 
 def _no_instance_forwards(mp):
@@ -321,11 +322,13 @@ def _sample_with_callback(patched, family, callback, steps=6):
 
 
 @pytest.mark.parametrize("where", ["cache store", "block"])
-def test_out_of_memory_while_caching_falls_back_to_full_compute(pack, monkeypatch, caplog, where):
+def test_out_of_memory_at_the_coarsest_rung_falls_back_to_full_compute(pack, monkeypatch, caplog, where):
+    # At the model-level residual there is no coarser rung: the run stops caching and computes the
+    # rest in full (test_comfy_memory covers the moves down the ladder from finer rungs).
     from procache_comfyui.nodes import runtime
     from procache_comfyui.procache_core import cache as cache_module
     mp = comfy_env.make_patcher("wan")
-    patched = _apply(pack, mp).result[0]
+    patched = _apply(pack, mp, memory_budget="minimal").result[0]
     runs = []
     start_run = runtime.start_run
     monkeypatch.setattr(runtime, "start_run", lambda *a, **k: runs.append(start_run(*a, **k)) or runs[-1])
@@ -366,9 +369,11 @@ def test_out_of_memory_while_caching_falls_back_to_full_compute(pack, monkeypatc
     assert latest["compute_share"][3:] == [1.0, 1.0, 1.0]
     # steps 0..2 cached as planned, steps 3..5 computed in full: exactly the run of that schedule
     monkeypatch.undo()
-    expected = comfy_env.sample(_apply(pack, comfy_env.make_patcher("wan"), "1,0,0,1,1,1").result[0], "wan")
+    expected = comfy_env.sample(_apply(pack, comfy_env.make_patcher("wan"), "1,0,0,1,1,1",
+                                       memory_budget="minimal").result[0], "wan")
     assert torch.equal(out, expected)
-    assert not torch.equal(out, comfy_env.sample(_apply(pack, comfy_env.make_patcher("wan")).result[0], "wan"))
+    assert not torch.equal(out, comfy_env.sample(_apply(pack, comfy_env.make_patcher("wan"),
+                                                        memory_budget="minimal").result[0], "wan"))
 
 
 def test_cache_on_cpu_keeps_the_cache_off_the_compute_device(pack, monkeypatch):
