@@ -10,7 +10,7 @@ attention and MLP outputs of the trained reference DiT over a whole sampling run
 
 Images: the reference DiT sampled with the paper's 17-of-50 schedule (reuse only, and with
 selective steps) through the engine with an exact, an int8 and an fp8 cache; PSNR against full
-compute. Writes benchmarks/results/cache_quantize.md (another file with --out).
+compute. Writes cache_quantize.md into benchmarks/out/ (`--out benchmarks/results` updates the tracked copy).
 """
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.output import add_out_option, report_path  # noqa: E402
+
 from benchmarks.demo import CFG_SCALE, SCHEDULE, SELECTIVE, REUSE_ONLY, load_model, psnr  # noqa: E402
 from procache_core import CacheStore, Schedule, SchedulePolicy, engine  # noqa: E402
 from procache_core.reference.sampling import sample  # noqa: E402
 
 FORMATS = ("int8", "fp8")
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "cache_quantize.md")
 
 
 def round_trip_errors(value: torch.Tensor, quantize: str) -> tuple[float, float]:
@@ -92,7 +93,7 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=50, help="images per sampling run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=RESULTS)
+    add_out_option(parser, optional=True)
     args = parser.parse_args(argv)
     model, what = load_model()
     lines = [f"# 8-bit cache store: measured error ({what}; torch {torch.__version__}, CPU)", "",
@@ -110,7 +111,7 @@ def main(argv=None) -> str:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+        with open(report_path(args.out, "cache_quantize.md"), "w", encoding="utf-8") as f:
             f.write(text)
     return text
 

@@ -9,7 +9,7 @@ functions (euler, dpmpp_2m, dpmpp_sde: an ODE, a multistep and an SDE sampler), 
 caching engine as inside ComfyUI, with the run told the sampler's name as the runtime tells it.
 Each cell: relative L2 of the final images against full compute with the same sampler and noise.
 "raw" rows switch both safeguards off (no sampler damping, no per-unit guard), so the table shows
-what the safeguards change. Writes benchmarks/results/forecast_sampler_bench.md (or --out).
+what the safeguards change. Writes forecast_sampler_bench.md into benchmarks/out/ (`--out benchmarks/results` updates the tracked copy).
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
 
 import torch  # noqa: E402
 
+from benchmarks.output import add_out_option, report_path  # noqa: E402
+
 from procache_core import Schedule, SchedulePolicy, StepClock, find_family  # noqa: E402
 from procache_core.engine import Run  # noqa: E402
 from procache_core.forecast import Online, Taylor  # noqa: E402
 from procache_core.reference.sampling import alphas_cumprod, ddim_timesteps  # noqa: E402
 
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "forecast_sampler_bench.md")
 SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_sde")
 SCHEDULE = "procache-pixart-20-7full.json"
 ALTERNATING = "11010101010101010101"     # every other step cached: Taylor overshoots here under dpmpp_sde
@@ -137,7 +138,7 @@ def main(argv=None):
     parser.add_argument("--schedule", default=SCHEDULE, help="a schedule file (selective steps become reuse)")
     parser.add_argument("--patterns", default=ALTERNATING, help="more schedules as patterns, comma separated")
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--out", default=RESULTS)
+    add_out_option(parser)
     args = parser.parse_args(argv)
     if not args.comfyui:
         parser.error("no ComfyUI: pass --comfyui PATH or set COMFYUI_PATH")
@@ -154,7 +155,7 @@ def main(argv=None):
     lines = ["# Forecasters under ComfyUI's samplers", "", f"`{command.strip()}` (2-core CPU, no GPU)", ""]
     for schedule in schedules:
         lines += table(measure(model, labels, schedule.steps, schedule), schedule.steps, schedule, args.samples)
-    with open(args.out, "w", encoding="utf-8") as f:
+    with open(report_path(args.out, "forecast_sampler_bench.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
 

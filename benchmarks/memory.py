@@ -1,7 +1,7 @@
 """Cache plans of real-size models without their weights: bytes per granularity and the auto budget's pick.
 
     python benchmarks/memory.py --comfyui ~/comfy/ComfyUI          # or COMFYUI_PATH=...
-    python benchmarks/memory.py --out benchmarks/results/memory.md
+    python benchmarks/memory.py --out benchmarks/results      # updates benchmarks/results/memory.md
 
 Builds FLUX.1-dev, Qwen-Image, Wan 2.1 1.3B and 14B, PixArt-Sigma XL and SD3.5 Large from ComfyUI's
 own classes with their published configurations (the values ComfyUI's model detection reads from
@@ -41,6 +41,8 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
         sys.path.insert(0, path)     # run as a script: procache_core and the ComfyUI loader of the tests
 
 import torch  # noqa: E402
+
+from benchmarks.output import add_out_option, report_path  # noqa: E402
 
 from procache_core import Run, Schedule, SchedulePolicy, StepClock, Taylor, TokenSelector, find_family  # noqa: E402
 from procache_core import memory  # noqa: E402
@@ -437,7 +439,7 @@ def report(result: dict, command: str, version: str, seconds: float) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="a ComfyUI checkout")
-    parser.add_argument("--out", default=None, help="also write the tables as markdown to this file")
+    add_out_option(parser, optional=True)
     args = parser.parse_args(argv)
     if not args.comfyui:
         parser.error("no ComfyUI: pass --comfyui PATH or set COMFYUI_PATH")
@@ -453,10 +455,9 @@ def main(argv=None):
     text = report(result, command.strip(), version, time.perf_counter() - started)
     print(text)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
+        with open(report_path(args.out, "memory.md"), "w", encoding="utf-8") as f:
             f.write(text)
-        print(f"wrote {args.out}", file=sys.stderr)
+        print(f"wrote {report_path(args.out, 'memory.md')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m benchmarks.memory_quality                       # reference DiT, 50 and 20 steps
     python -m benchmarks.memory_quality --comfyui ~/comfy/ComfyUI --families flux,wan,pixart
-    python -m benchmarks.memory_quality --samples 30 --steps 20 --out /tmp/memory_quality.md
+    python -m benchmarks.memory_quality --samples 30 --steps 20 --out benchmarks/results   # update the README's figures
 
 Budgets are counted in residuals R: one image-token x hidden tensor per CFG stream, what the
 step-skipping caches keep. Every budget row runs the same ProCache schedule (with selective steps)
@@ -35,6 +35,7 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
 
 import torch  # noqa: E402
 
+from benchmarks.output import add_out_option, report_path  # noqa: E402
 from procache_core import SchedulePolicy  # noqa: E402
 from procache_core.memory import Budget, format_bytes  # noqa: E402
 from procache_core.reference.sampling import sample  # noqa: E402
@@ -96,18 +97,29 @@ def gain_kept(rows: list[dict], label: str) -> float | None:
     return (row["psnr"] - bottom["psnr"]) / (top["psnr"] - bottom["psnr"])
 
 
-def reference_table(rows: list[dict], steps: int) -> list[str]:
-    lines = [f"**Reference DiT, {steps} steps**", "",
-             "| method | setting | FLOPs speedup | PSNR vs full ↑ | FD ↓ | branch-level gain kept | cache plan |",
-             "|---|---|---|---|---|---|---|"]
+def table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """Markdown rows: method, setting, `columns` (header, row key; a float key is printed with 2 or 4
+    decimals), the share of branch level's gain kept and the cache plan."""
+    head = ["method", "setting", *[h for h, _ in columns], "branch-level gain kept", "cache plan"]
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kept = gain_kept(rows, r["setting"]) if r["method"].startswith("ProCache") else None
+        cells = [r["method"], r["setting"]]
+        for header, key in columns:
+            first = r["method"] == "full compute" and key in ("psnr", "rel")
+            cells.append("—" if first else f"{r[key]:.4f}" if key == "rel" else
+                         f"{r[key]:.2f}×" if key in ("flops", "compute") else f"{r[key]:.2f}" if key == "psnr" else
+                         f"{r[key]:.3f}")
+        cells.append("—" if kept is None else format(kept, ".0%"))
         plan = r["plan"]
-        lines.append(f"| {r['method']} | {r['setting']} | {r['flops']:.2f}× | "
-                     f"{'—' if r['method'] == 'full compute' else format(r['psnr'], '.2f')} | {r['fd']:.3f} | "
-                     f"{'—' if kept is None else format(kept, '.0%')} | "
-                     f"{'—' if not plan else plan['granularity'] + ', ' + format_bytes(plan['bytes'])} |")
+        cells.append("—" if not plan else plan["granularity"] + ", " + format_bytes(plan["bytes"]))
+        lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def reference_table(rows: list[dict], steps: int) -> list[str]:
+    return table(f"Reference DiT, {steps} steps", rows,
+                 [("FLOPs speedup", "flops"), ("PSNR vs full ↑", "psnr"), ("FD ↓", "fd")])
 
 
 # ---- tiny ComfyUI models --------------------------------------------------------------------------
@@ -170,17 +182,8 @@ def comfy_rows(family: str, steps: int, precisions=("model dtype",), log=print) 
 
 
 def comfy_table(family: str, steps: int, rows: list[dict]) -> list[str]:
-    lines = [f"**{family} (tiny, random weights), {steps} steps**", "",
-             "| method | setting | compute speedup | rel. L2 vs full ↓ | PSNR vs full ↑ | branch-level gain kept | cache plan |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        kept = gain_kept(rows, r["setting"]) if r["method"].startswith("ProCache") else None
-        plan = r["plan"]
-        first = r["method"] == "full compute"
-        lines.append(f"| {r['method']} | {r['setting']} | {r['compute']:.2f}× | {'—' if first else format(r['rel'], '.4f')} | "
-                     f"{'—' if first else format(r['psnr'], '.2f')} | {'—' if kept is None else format(kept, '.0%')} | "
-                     f"{'—' if not plan else plan['granularity'] + ', ' + format_bytes(plan['bytes'])} |")
-    return lines + [""]
+    return table(f"{family} (tiny, random weights), {steps} steps", rows,
+                 [("compute speedup", "compute"), ("rel. L2 vs full ↓", "rel"), ("PSNR vs full ↑", "psnr")])
 
 
 def main(argv=None):
@@ -192,7 +195,7 @@ def main(argv=None):
     parser.add_argument("--no-reference", action="store_true", help="skip the reference DiT")
     parser.add_argument("--precisions", default="model dtype,8-bit when needed",
                         help="cache_precision settings of the budget rows (memory.PRECISIONS), comma-separated")
-    parser.add_argument("--out", default=None, help="also write the markdown tables here")
+    add_out_option(parser, optional=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -216,8 +219,7 @@ def main(argv=None):
     text = "\n".join(header + lines)
     print(text)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
+        with open(report_path(args.out, "memory_quality.md"), "w", encoding="utf-8") as f:
             f.write(text)
 
 

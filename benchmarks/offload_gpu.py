@@ -38,6 +38,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)         # run as a script: procache_core
 
 import torch  # noqa: E402
+
+from benchmarks.output import add_out_option, report_path  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -261,7 +263,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny sizes on the CPU, where prefetch does nothing: checks the script, measures nothing")
-    parser.add_argument("--out", help="also write the table to this file (e.g. benchmarks/results/offload_gpu.md)")
+    add_out_option(parser, optional=True)
     args = parser.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in SHAPES]
     if unknown:
@@ -282,7 +284,7 @@ def main(argv=None) -> list[dict]:
     table = report(results, device_name)
     print(table)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+        with open(report_path(args.out, "offload_gpu.md"), "w", encoding="utf-8") as f:
             f.write(table + "\n")
     problems = [p for r in results for p in check(r)]
     if problems:

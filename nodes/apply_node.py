@@ -69,7 +69,8 @@ class ProCacheApply(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, memory_budget: str = "auto", **_) -> bool | str:
+    def validate_inputs(cls, memory_budget: str = "auto") -> bool | str:
+        # only memory_budget: ComfyUI then still checks the other inputs' types and ranges itself
         try:
             Budget.parse(memory_budget)
         except BudgetError as e:

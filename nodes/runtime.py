@@ -26,7 +26,7 @@ from comfy_api.latest import io
 from . import events
 from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
 from ..procache_core.families import is_unet
-from ..procache_core.memory import PRECISIONS, Budget, format_bytes
+from ..procache_core.memory import AUTO_SHARE, PRECISIONS, Budget, format_bytes
 
 log = logging.getLogger("procache")
 
@@ -298,16 +298,9 @@ def plan_cache(run: Run, diffusion_model, sigma: float, streams, call_model) -> 
     quantize, quantize_all = PRECISIONS[run.cache_precision]
     plan = run.make_plan(census, run.budget, free, str(device), streams=expected, quantize=quantize,
                          quantize_all=quantize_all)
-    message = f"cache plan: {plan.text()}"
     if run.budget.kind == "auto" and free is not None:
-        message += f" [auto: {round(memory_share() * 100)}% of {format_bytes(free)} free]"
-    run.stats.notes.append(message)
-    log.info("ProCache: %s", message)
-
-
-def memory_share() -> float:
-    from ..procache_core import memory
-    return memory.AUTO_SHARE
+        plan.budget_source = f"auto: {round(AUTO_SHARE * 100)}% of {format_bytes(free)} free"
+    log.info("ProCache: cache plan: %s", plan.text())     # the panel and the run summary show it too
 
 
 def _parameter_device(module) -> torch.device:

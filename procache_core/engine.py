@@ -163,10 +163,12 @@ class Run:
         census = Census(streams=len(streams))
         scout.recording = census
         handles = []
-        # the model's own hooks (other nodes' probes, tests) never see the census: it is not a model call
-        hidden = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
-        model._forward_pre_hooks.clear()
-        model._forward_hooks.clear()
+        # hooks of other nodes (and tests) never see the census: it is not a model call
+        hidden = [(m, dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()
+                  if m._forward_pre_hooks or m._forward_hooks]
+        for m, _, _ in hidden:
+            m._forward_pre_hooks.clear()
+            m._forward_hooks.clear()
         if self.family is not None:
             first = 0
             for stack in self.family.stacks:
@@ -184,8 +186,9 @@ class Run:
         finally:
             for handle in handles:
                 handle.remove()
-            model._forward_pre_hooks.update(hidden[0])
-            model._forward_hooks.update(hidden[1])
+            for m, pre, post in hidden:
+                m._forward_pre_hooks.update(pre)
+                m._forward_hooks.update(post)
             census.__dict__.pop("inputs", None)
         for key, size, size8 in scout.cache.items():
             if key[0] == "model" or not isinstance(key[0], int):
@@ -241,7 +244,8 @@ class Run:
         previous = self.plan
         self.plan = CachePlan(rung, planned_bytes(census, rung, self.phases),
                               previous.budget if previous else None, previous.device if previous else "?",
-                              census.num_blocks, previous.considered if previous else [], reason=why)
+                              census.num_blocks, previous.considered if previous else [], reason=why,
+                              budget_source=previous.budget_source if previous else "")
         self._use_rung(rung)
         return self.plan
 

@@ -255,11 +255,11 @@ def from_dict(data: dict) -> Forecaster | None:
                       data.get("grouping", "role"), _whole_number(data, "fallback_order", 0, "0, 1 or 2"), metadata)
     if kind == "online":
         try:
-            return Online(_whole_number(data, "degree", 2, f"0..{MAX_DEGREE}"), float(data.get("forgetting", 0.5)),
+            return Online(_whole_number(data, "degree", 2, f"1..{MAX_DEGREE}"), float(data.get("forgetting", 0.5)),
                           float(data.get("ridge", 1e-3)))
         except (TypeError, ValueError, OverflowError) as e:
             if isinstance(e, ForecastError):
-                raise
+                raise ForecastError(f"online forecaster: {e}") from None
             raise ForecastError(f"online forecaster settings: {e}; give a number for 'forgetting' (0..1] and "
                                 "'ridge' (> 0)") from None
     raise ForecastError(f"unknown forecaster kind {kind!r} (none, taylor, fitted, online)")

@@ -297,9 +297,12 @@ class CachePlan:
     num_blocks: int
     considered: list[tuple[str, int]] = dataclasses.field(default_factory=list)   # (rung, bytes)
     reason: str = ""
+    budget_source: str = ""         # how the budget was set, e.g. "auto: 15% of 21.4 GiB free"
 
     def text(self, peak: int | None = None) -> str:
         budget = "no budget" if self.budget is None else f"budget {format_bytes(self.budget)}"
+        if self.budget_source:
+            budget += f", {self.budget_source}"
         line = f"{self.rung.describe(self.num_blocks)}: {format_bytes(self.bytes)} on {self.device} ({budget})"
         if peak is not None:
             line += f", peak {format_bytes(peak)}"
