@@ -180,7 +180,7 @@ class RunStats:
         c = self.summary()["counts"]
         return (f"ProCache [{self.mode}] {self.model}: {self.headline()}; {c['full']} full / {c['selective']} "
                 f"selective / {c['reuse']} reused of {self.steps_run} steps run, "
-                f"block FLOPs {self.flops_speedup:.2f}x fewer")
+                f"block FLOPs {self.flops_speedup:.2f}x fewer" + (f"; cache: {self.plan['text']}" if self.plan else ""))
 
 
 def stream_labels(streams: list[str], names: dict[str, str]) -> dict[str, str]:

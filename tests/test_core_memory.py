@@ -153,3 +153,11 @@ def test_eight_bit_when_needed_keeps_branch_level_where_full_precision_does_not_
     assert plans["model dtype"].rung.kind != "branch"
     assert plans["8-bit when needed"].rung.kind == "branch" and plans["8-bit when needed"].rung.quantize == "int8"
     assert plans["8-bit when needed"].bytes < plans["model dtype"].bytes * 2
+
+
+def test_the_console_line_states_the_plan_and_the_peak(model):
+    policy = SchedulePolicy(Schedule(kinds=PATTERN))
+    _, run = sample(model, torch.tensor([6]), steps=len(PATTERN), policy=policy, budget=Budget.parse("2 residuals"),
+                    return_run=True)
+    line = run.stats.line()
+    assert "cache: " in line and run.plan.rung.describe(8) in line and "peak" in line
