@@ -180,6 +180,9 @@ class CacheStore:
             out.append((key, held, eight_bit))
         return out
 
+    def keys(self) -> list[Hashable]:
+        return list(self._whole)
+
     def clear(self) -> None:
         self._parts.clear()
         self._whole.clear()

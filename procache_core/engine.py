@@ -150,6 +150,11 @@ class Run:
         """Whether a full step's values are kept: some later step reads them (or a forecast's history)."""
         return step <= self.last_cached_step or self.forecast is not None
 
+    def prefetches(self, device) -> bool:
+        """The cache is in host memory and the model on a GPU: copy the next block's values ahead."""
+        return self.cache.device is not None and self.cache.device.type == "cpu" and device is not None \
+            and torch.device(device).type == "cuda"
+
     def keeps_branches(self, index: int) -> bool:
         return not self.rung.model_level and (not self.rung.spans or index in self.rung.branch_blocks)
 
@@ -276,6 +281,7 @@ class _Call:
         self._num_blocks = 0
         self._recomputing = False
         self.probe_notes: dict = {}     # facts a family's probes share across this call's blocks
+        self._prefetched: set = set()   # blocks whose cached values were copied ahead (cache_on_cpu)
 
     # ---- attaching ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -378,6 +384,7 @@ class _Call:
                         return _carried(carry, args, kwargs)
                     reused = self._reused_span(span, carry, args, kwargs)
                     if reused is not None:
+                        self._prefetch(last + 1, next(t for t in _flat(reused) if t is not None).device)
                         self.work.flops_full += sum(run.block_flops.get(b, 0.0) for b in range(first, last + 1))
                         return reused
                     self.work.misses += 1
@@ -398,6 +405,17 @@ class _Call:
                 return out
             return forward
         return make
+
+    def _prefetch(self, block: int, device) -> None:
+        """Start the host-to-GPU copies of what `block` will read, while this block computes."""
+        run = self.run
+        if block in self._prefetched or block >= self._num_blocks or not run.prefetches(device):
+            return
+        self._prefetched.add(block)
+        for key in run.cache.keys():
+            if key[0] == block and (len(key) == 2 or key[2] in ("history", "correction")) or \
+                    key[0] == "span" and key[1] == block:
+                run.cache.prefetch(self.streams, key, device)
 
     def _reused_span(self, span, carry, args, kwargs):
         is_tuple, locations = carry
@@ -496,6 +514,7 @@ class _Call:
         self.work.flops_full += full_cost
         if kind != StepKind.FULL:
             device = like.device if like is not None else None
+            self._prefetch(index + 1, device)
             if run.forecast is not None:
                 cached = self._forecast(index, branch, device)
             else:
@@ -666,6 +685,10 @@ def carry_map(args: tuple, kwargs: dict, output) -> tuple | None:
         used.add(match)
         locations.append(match)
     return isinstance(output, (tuple, list)), tuple(locations)
+
+
+def _flat(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
 
 
 def _input_at(location, args, kwargs):

@@ -161,3 +161,21 @@ def test_the_console_line_states_the_plan_and_the_peak(model):
                     return_run=True)
     line = run.stats.line()
     assert "cache: " in line and run.plan.rung.describe(8) in line and "peak" in line
+
+
+def test_with_the_cache_in_host_memory_each_block_copies_the_next_blocks_values_ahead(model, monkeypatch):
+    # The GPU path (pinned copies on a side stream) needs CUDA; here the engine's side is checked:
+    # while block i reuses, the values block i + 1 reads are handed to CacheStore.prefetch.
+    from procache_core import engine
+    from procache_core.cache import CacheStore
+    asked = []
+    monkeypatch.setattr(engine.Run, "prefetches", lambda self, device: True)
+    monkeypatch.setattr(CacheStore, "prefetch", lambda self, streams, key, device: asked.append(key) or False)
+    for budget, expect in (("unlimited", lambda k: isinstance(k[0], int)), ("2 residuals", lambda k: k[0] == "span")):
+        asked.clear()
+        _, run = sample(model, torch.tensor([1]), steps=4, policy=SchedulePolicy(Schedule(kinds=(1, 0, 0, 1))),
+                        budget=Budget.parse(budget), return_run=True)
+        assert asked and all(expect(k) for k in asked), budget
+        blocks = {k[0] if isinstance(k[0], int) else k[1] for k in asked}
+        assert 0 not in blocks and blocks <= set(range(1, 8))       # never the block already running
+        assert len(asked) == len(set(asked)) * 2                    # once per key and reuse step
