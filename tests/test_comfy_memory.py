@@ -196,3 +196,13 @@ def test_memory_budget_input_refuses_text_it_cannot_read(pack):
     assert node.validate_inputs(memory_budget="6 GiB") is True
     option = next(i for i in node.GET_SCHEMA().inputs if i.id == "memory_budget")
     assert option.default == "auto" and "residual" in option.tooltip
+
+
+def test_a_model_the_census_cannot_trace_keeps_branch_level_and_says_so(pack, runs):
+    # HiDream routes tokens to experts with a data-dependent nonzero(): fake tensors cannot follow it
+    mp, sample = _family_patcher("hidream")
+    out = sample(_apply(pack, mp, "auto"), steps=6)
+    run = runs[-1]
+    assert torch.isfinite(out).all()
+    assert run.plan is None and run.rung.kind == "branch" and run.stats.cache_bytes_peak > 0
+    assert any(n.startswith("no cache plan: this model could not be traced") for n in run.stats.notes)
