@@ -206,3 +206,22 @@ def test_a_model_the_census_cannot_trace_keeps_branch_level_and_says_so(pack, ru
     assert torch.isfinite(out).all()
     assert run.plan is None and run.rung.kind == "branch" and run.stats.cache_bytes_peak > 0
     assert any(n.startswith("no cache plan: this model could not be traced") for n in run.stats.notes)
+
+
+@pytest.mark.parametrize("forecast", [None, 2])
+def test_plan_equals_peak_when_cfg_passes_run_in_separate_calls(pack, runs, monkeypatch, forecast):
+    # Short of memory, ComfyUI runs the positive and negative passes one at a time: the census sees
+    # one stream, and the plan counts every conditioning the guider will evaluate.
+    from procache_comfyui.procache_core.forecast import Taylor
+    calls = []
+    mp = comfy_env.make_patcher("wan")
+    monkeypatch.setattr(mp.model, "memory_required", lambda *a, **k: float("inf"))     # never batch two passes
+    hook = mp.model.diffusion_model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        comfy_env.sample(_apply(pack, mp, "unlimited", forecaster=Taylor(forecast) if forecast else None), "wan",
+                         cfg=2.0)
+    finally:
+        hook.remove()
+    run = runs[-1]
+    assert set(calls) == {1}                    # every call held one stream
+    assert run.census.streams == 2 and run.stats.plan["bytes"] == run.stats.cache_bytes_peak
