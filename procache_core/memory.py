@@ -227,24 +227,32 @@ def planned_bytes(census: Census, rung: Rung, phases: Phases = ((1, False),)) ->
 
 
 def ladder(census: Census, deep_blocks: Iterable[int] = (), quantize: str | None = None,
-           quantize_all: bool = False) -> list[Rung]:
+           quantize_all: bool = False, keep_first: str = "shallow") -> list[Rung]:
     """The rungs from finest to coarsest that this census allows.
 
-    Blocks keep their branches deepest first (the deep blocks refresh tokens on selective steps and
-    carry the detail), shallower blocks go into spans; spans grow in length k = 1, 2, 4, ... up to a
-    whole block list. A block list whose blocks do not hand back what they take (no span may end
-    there) keeps branch level in every rung but the model-level one.
+    keep_first: which blocks keep their branches longest. "shallow" (default): the first blocks,
+        the deepest go into spans first. Measured on the trained reference DiT (50 steps, same
+        bytes): branch level in blocks 0-3 with 2-block spans over 4-7 lands 40.1 dB from full
+        compute, the other way round 37.3; a reuse error in a shallow block runs through every
+        later one. "deep": the `deep_blocks` (where selective steps refresh tokens) first.
+    Spans grow in length k = 1, 2, 4, ... up to a whole block list. A block list whose blocks do not
+    hand back what they take (no span may end there) keeps branch level in every rung but the
+    model-level one.
     """
     n = census.num_blocks
     if n == 0:
         return [MODEL_LEVEL]
     spannable = {b for b in range(n) if census.carry.get(b) is not None}
     fixed = frozenset(range(n)) - spannable          # blocks that can only be cached per branch
-    deep = [b for b in sorted(set(deep_blocks), reverse=True) if b in spannable]
-    order = deep + [b for b in range(n - 1, -1, -1) if b in spannable and b not in deep]
-    # most blocks at branch level first (without deep blocks, 1 comes after 0 in the tuple)
-    counts = sorted({keep for keep in (len(deep), *[len(deep) >> s for s in range(1, 8)], 1, 0)
-                     if 0 <= keep < len(order)}, reverse=True)
+    if keep_first == "deep":
+        deep = [b for b in sorted(set(deep_blocks), reverse=True) if b in spannable]
+        order = deep + [b for b in range(n - 1, -1, -1) if b in spannable and b not in deep]
+    else:
+        order = sorted(spannable)
+    m = len(order)
+    # most blocks at branch level first
+    counts = sorted({keep for keep in (m * 3 // 4, *[m >> s for s in range(1, 8)], 1, 0) if 0 <= keep < m},
+                    reverse=True)
     rungs = [BRANCH_LEVEL]
     longest = max(last - first for first, last in census.stacks) + 1
     lengths = [1]

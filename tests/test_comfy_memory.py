@@ -107,15 +107,15 @@ def test_budget_walks_the_ladder_finest_first(pack, runs):
     assert [runs[i].plan.rung.kind for i in (-5, -1)] == ["branch", "model"]
 
 
-def test_spans_keep_the_deep_blocks_at_branch_level_for_selective_steps(pack, runs):
+def test_mixed_rungs_keep_the_first_blocks_at_branch_level(pack, runs):
     mp = comfy_env.make_patcher("flux", size="small")
     comfy_env.sample(_apply(pack, mp, "16 residuals"), "flux")
     run = runs[-1]
     assert run.plan.rung.kind == "mixed", run.plan.text()
-    deep = {b for b in range(run.census.num_blocks) if run.policy.refreshes(b, run.census.num_blocks)}
     kept = run.plan.rung.branch_blocks
-    assert kept and (kept <= deep or deep <= kept)
-    assert sum(run.selected_tokens) > 0          # selective steps still refresh tokens in the kept blocks
+    assert kept == frozenset(range(len(kept)))          # shallow blocks keep their branches longest
+    spanned = {b for first, last in run.plan.rung.spans for b in range(first, last + 1)}
+    assert spanned == set(range(run.census.num_blocks)) - kept
     assert "branch level in" in run.stats.plan["text"] and "residual spans" in run.stats.plan["text"]
 
 

@@ -99,12 +99,12 @@ def test_flux_keeps_attention_outputs_only_where_selective_steps_recompute(bench
 
 
 def test_ladder_without_deep_blocks_goes_from_finest_to_coarsest(bench):
-    """A schedule without selective steps has no deep blocks: the rung that keeps one block at
-    branch level comes before the spans that keep none."""
+    """A schedule without selective steps has no deep blocks: rungs that keep blocks at branch
+    level come before the spans that keep none, most blocks first."""
     model, size = _tiny(bench, "FLUX.1-dev")
     diffusion_model = model.build("meta")
     with bench.pytorch_attention(), torch.no_grad():
         census = bench.take_census(model, diffusion_model, size, bench.library("procache-dit-50-17full", 10))
     from procache_core import memory
     kept = [len(r.branch_blocks) for r in memory.ladder(census, [])[1:-1]]
-    assert kept == sorted(kept, reverse=True) and kept[0] == 1 and kept[-1] == 0
+    assert kept == sorted(kept, reverse=True) and kept[0] >= 1 and kept[-1] == 0
