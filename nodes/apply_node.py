@@ -43,7 +43,7 @@ class ProCacheApply(io.ComfyNode):
                                         "residuals (8 residuals: one image-token x hidden tensor per CFG pass, "
                                         "the same at every resolution), minimal (one model-level residual, "
                                         "as the step-skipping caches keep) or unlimited. Where caching every "
-                                        "branch does not fit, the deepest blocks keep their branches and the "
+                                        "branch does not fit, the first blocks keep their branches and the "
                                         "others share residuals over spans of blocks; the report says which."),
                 io.Combo.Input("cache_precision", options=list(PRECISIONS), default="model dtype", optional=True,
                                tooltip="How cached values are stored. model dtype: exactly as computed. 8-bit when "

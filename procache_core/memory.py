@@ -10,7 +10,8 @@ turns census + rung into the bytes the cache store will hold at its peak, and `c
 ladder from finest to coarsest until the plan fits the budget:
 
     branch level in every block
-    -> branch level in the deepest blocks (where selective steps refresh tokens), spans elsewhere
+    -> branch level in the first blocks (a reuse error there runs through every later block),
+       residual spans over the deeper ones
     -> residual spans of k blocks
     -> one model-level residual (the output of the whole model, as the step-skipping caches keep)
 
