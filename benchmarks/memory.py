@@ -250,7 +250,7 @@ class Plans:
     def rung_bytes(self, key: str) -> dict[str, int | None]:
         run = self.runs[key]
         return {name: None if rung is None else
-                memory.planned_bytes(self.census, rung, run.history, run.keeps_corrections)
+                memory.planned_bytes(self.census, rung, run.phases)
                 for name, rung in named_rungs(self.census, self.deep(run)).items()}
 
     def pick(self, key: str, free_gib: float) -> memory.CachePlan:
