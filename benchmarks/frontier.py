@@ -207,7 +207,7 @@ def run_frontier(samples: int, step_counts=STEP_COUNTS, samplers=("euler", "dpmp
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 samples, 20 steps, euler, 2x and 4x")
-    parser.add_argument("--samples", type=int, default=None, help="images per row (default 50)")
+    parser.add_argument("--samples", type=int, default=None, help="images per row (default 150)")
     parser.add_argument("--steps", type=int, nargs="+", default=None)
     parser.add_argument("--comfyui", default=None,
                         help="a ComfyUI checkout: sample with its k-diffusion functions and add dpmpp_sde")
@@ -225,7 +225,7 @@ def main(argv=None):
     if args.quick:
         samplers = samplers[:1]
     command = "python -m benchmarks.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
-    run_frontier(args.samples or (8 if args.quick else 50), args.steps or ([20] if args.quick else list(STEP_COUNTS)),
+    run_frontier(args.samples or (8 if args.quick else 150), args.steps or ([20] if args.quick else list(STEP_COUNTS)),
                  samplers, (2, 4) if args.quick else TARGETS, functions, args.out, command.strip())
 
 
