@@ -46,47 +46,37 @@ class RuleStats:
         return self.flops_full / self.flops_done if self.flops_done else 1.0
 
 
-class DynamicCache(nn.Module):
-    """The reference DiT's forward with one dynamic skip rule; call like the DiT (x, t, y).
+class BlockStackWrapper(nn.Module):
+    """The reference DiT's forward with its block stack handed to `_stack`; call like the DiT (x, t, y).
 
-    Pass it to procache_core.reference.sampling.sample in place of the model. One instance per
-    sampling run (it keeps the previous step's state).
+    Subclasses decide per call whether to run the blocks (`_run`) or to stand in for them; the
+    embedders and the final layer always run. One instance per sampling run (it keeps state).
     """
 
-    def __init__(self, model: DiT, rule: str, threshold: float, warmup: float = 0.15, steps: int | None = None):
+    def __init__(self, model: DiT):
         super().__init__()
-        if rule not in RULES:
-            raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         self.model = model
         self.cfg = model.cfg
-        self.rule = rule
-        self.threshold = threshold
-        self.warmup_calls = int(round(warmup * steps)) if steps else 1
         flops = model.block_flops()
         self.block_cost = flops["attn"] + flops["mlp"]
         self.stats = RuleStats()
-        self._residual = None       # h_out - h_in of the stack (teacache, easycache) or of blocks 1.. (first_block)
-        self._signal = None         # previous step's decision signal
-        self._accumulated = 0.0
-        self._rate = None           # easycache: transformation rate
-        self._last_in = self._last_out = None
-        self._computed = None       # easycache: (input, output) of the last computed step
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m, cfg = self.model, self.cfg
         b = x.shape[0]
         h = m.x_embedder(x).flatten(2).transpose(1, 2) + m.pos_embed
         c = m.t_embedder(timestep_embedding(t, 256)) + m.y_embedder(y)
-        blocks = m.blocks
         cost = self.block_cost * b
         self.stats.calls += 1
-        self.stats.flops_full += cost * len(blocks)
-        first_call = self.stats.calls == 1
-        h = getattr(self, f"_{self.rule}")(h, c, blocks, cost, first_call)
+        self.stats.flops_full += cost * len(m.blocks)
+        h = self._stack(h, c, float(t.flatten()[0]), cost)
         h = m.final_layer(h, c)
         side, p = cfg.image_size // cfg.patch, cfg.patch
         h = h.view(b, side, side, p, p, cfg.channels).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(b, cfg.channels, cfg.image_size, cfg.image_size)
+
+    def _stack(self, h: torch.Tensor, c: torch.Tensor, t: float, cost: float) -> torch.Tensor:
+        raise NotImplementedError
 
     def _run(self, h, c, blocks, cost):
         for block in blocks:
@@ -94,6 +84,31 @@ class DynamicCache(nn.Module):
         self.stats.flops_done += cost * len(blocks)
         self.stats.computed_calls += 1
         return h
+
+
+class DynamicCache(BlockStackWrapper):
+    """The reference DiT's forward with one dynamic skip rule; call like the DiT (x, t, y).
+
+    Pass it to procache_core.reference.sampling.sample in place of the model. One instance per
+    sampling run (it keeps the previous step's state).
+    """
+
+    def __init__(self, model: DiT, rule: str, threshold: float, warmup: float = 0.15, steps: int | None = None):
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+        super().__init__(model)
+        self.rule = rule
+        self.threshold = threshold
+        self.warmup_calls = int(round(warmup * steps)) if steps else 1
+        self._residual = None       # h_out - h_in of the stack (teacache, easycache) or of blocks 1.. (first_block)
+        self._signal = None         # previous step's decision signal
+        self._accumulated = 0.0
+        self._rate = None           # easycache: transformation rate
+        self._last_in = self._last_out = None
+        self._computed = None       # easycache: (input, output) of the last computed step
+
+    def _stack(self, h, c, t, cost):
+        return getattr(self, f"_{self.rule}")(h, c, self.model.blocks, cost, self.stats.calls == 1)
 
     def _shape_ok(self, h):
         return self._residual is not None and self._residual.shape == h.shape

@@ -61,9 +61,12 @@ class _NotFlow:
 
 
 def sample(model, labels: torch.Tensor, sampler: str, steps: int, seed: int, schedule: Schedule | None = None,
-           forecaster=None) -> tuple[torch.Tensor, Run | None]:
-    """Sample the reference DiT with ComfyUI's `sample_<sampler>`; cached per `schedule` when given."""
-    import comfy.k_diffusion.sampling as kd
+           forecaster=None, functions=None) -> tuple[torch.Tensor, Run | None]:
+    """Sample the reference DiT with `functions.sample_<sampler>` (default: ComfyUI's
+    comfy.k_diffusion.sampling; benchmarks.ode_samplers needs no ComfyUI); cached per `schedule`
+    when given. `model` is the DiT or anything called like it, (x, t, y), with its `cfg`."""
+    import importlib
+    kd = functions or importlib.import_module("comfy.k_diffusion.sampling")
     acp = alphas_cumprod()
     log_sigmas = ((1 - acp) / acp).sqrt().log().float()
     sigmas = reference_sigmas(steps)

@@ -25,3 +25,15 @@ def report_path(folder: str, name: str) -> str:
     """`folder/name`, the folder created if missing."""
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, name)
+
+
+def write_reports(folder: str, name: str, markdown: str, record: dict, draw, log=print) -> None:
+    """`name`.md (the markdown), `name`.json (the record) and `name`.png (`draw(path)`) in `folder`."""
+    import json
+
+    with open(report_path(folder, f"{name}.md"), "w", encoding="utf-8") as f:
+        f.write(markdown)
+    with open(report_path(folder, f"{name}.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    draw(report_path(folder, f"{name}.png"))
+    log(f"wrote {os.path.relpath(folder)}/{name}.{{md,json,png}}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import time
@@ -33,7 +32,7 @@ from procache_core.reference.sampling import sample
 
 from .baselines import DynamicCache
 from .judge import load_judge
-from .output import ROOT, SCRATCH, add_out_option, report_path
+from .output import ROOT, SCRATCH, add_out_option, write_reports
 from .train_reference import load_reference
 
 SCHEDULES = {50: "procache-dit-50-17full.json", 20: "procache-pixart-20-7full.json"}
@@ -294,13 +293,9 @@ def run_benchmark(samples: int = 300, step_counts=(50, 20), extra_schedules=(), 
         rows += bench.run(steps, extra_schedules, log=log)
     seconds = time.perf_counter() - started
     if out:
-        with open(report_path(out, "reference_bench.md"), "w", encoding="utf-8") as f:
-            f.write(markdown(rows, command, samples, seconds))
-        with open(report_path(out, "reference_bench.json"), "w", encoding="utf-8") as f:
-            json.dump({"command": command, "samples": samples, "seconds": round(seconds, 1),
-                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
-        plot(rows, report_path(out, "reference_bench.png"))
-        log(f"wrote {os.path.relpath(out)}/reference_bench.{{md,json,png}}")
+        write_reports(out, "reference_bench", markdown(rows, command, samples, seconds),
+                      {"command": command, "samples": samples, "seconds": round(seconds, 1),
+                       "rows": [dataclasses.asdict(r) for r in rows]}, lambda path: plot(rows, path), log)
     log(f"done in {seconds / 60:.1f} min")
     return rows
 

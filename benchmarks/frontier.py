@@ -1,0 +1,233 @@
+"""The speed-quality frontier on the trained reference DiT: every method at matched FLOPs, side by side.
+
+    python -m benchmarks.frontier                 # 50 and 20 steps, euler and dpmpp_2m, 2x..6x
+    python -m benchmarks.frontier --quick         # a few samples, 20 steps, euler: seconds
+    python -m benchmarks.frontier --comfyui ~/comfy/ComfyUI    # ComfyUI's samplers, dpmpp_sde added
+
+Writes frontier.{md,json,png} to benchmarks/out/ (`--out benchmarks/results` updates the tracked copy).
+
+At each target speedup S every row computes the block stack on the same number of steps,
+B = round(steps / S), so their FLOPs match (the table gives each row's measured speedup):
+
+    fewer steps           the sampler run with B steps
+    ProCache ...          the engine (procache_core) on the library's generic schedule with B full
+                          steps (search.generic_pattern), branch-level: plain reuse, Taylor 1, and
+                          the online Chebyshev forecaster, with the pack's sampler-aware safeguards
+    Spectrum-style        the pack's re-implementation of Spectrum, model level, B uniform steps
+    FreqCa-style          the pack's re-implementation of FreqCa, model level, B uniform steps
+
+The sampling plumbing (the reference DiT as a k-diffusion epsilon denoiser, CFG 1.5, the engine's
+Run told the sampler's name) is benchmarks.forecast_sampler_bench's; without ComfyUI the samplers
+are benchmarks.ode_samplers' Euler and DPM-Solver++(2M). The judge (benchmarks/judge.py) gives PSNR
+against full compute with the same sampler and noise and FD against the real digits. Cache memory
+is what a row holds between steps per image (both CFG streams), the engine's peak for its rows.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import torch
+
+from procache_core import Schedule
+from procache_core.forecast import Online, Taylor
+from procache_core.reference.sampling import alphas_cumprod
+from procache_core.search import generic_pattern
+
+from . import ode_samplers
+from .forecast_sampler_bench import _interp, reference_sigmas, sample
+from .judge import load_judge
+from .model_forecasters import FreqCaStyle, SpectrumStyle
+from .output import SCRATCH, add_out_option, write_reports
+from .train_reference import load_reference
+
+TARGETS = (2, 3, 4, 5, 6)
+STEP_COUNTS = (50, 20)
+ENGINE_ROWS = (("ProCache reuse", None), ("ProCache Taylor 1", lambda: Taylor(1)),
+               ("ProCache online (Chebyshev)", lambda: Online()))
+METHODS = ("full compute", "fewer steps") + tuple(name for name, _ in ENGINE_ROWS) + (
+    "Spectrum-style (pack re-impl.)", "FreqCa-style (pack re-impl.)")
+SEED = 0
+
+
+@dataclasses.dataclass
+class Row:
+    steps: int
+    sampler: str
+    target: float
+    method: str
+    setting: str
+    flops_speedup: float
+    cache_bytes_per_image: float
+    psnr: float = math.nan
+    fd: float = math.nan
+
+
+def full_steps(steps: int, target: float) -> int:
+    """B: the number of steps every row computes at `target`."""
+    return max(1, round(steps / target))
+
+
+def uniform_steps(steps: int, computed: int) -> list[int]:
+    """`computed` evenly spaced step indices from step 0."""
+    return sorted({round(i * steps / computed) for i in range(computed)})
+
+
+def step_timesteps(steps: int) -> list[float]:
+    """The model timestep of each step's sigma, as forecast_sampler_bench's denoiser computes it."""
+    acp = alphas_cumprod()
+    log_sigmas = ((1 - acp) / acp).sqrt().log().float()
+    return [_interp(torch.tensor(float(s)).log(), log_sigmas) for s in reference_sigmas(steps)[:-1]]
+
+
+class Frontier:
+    def __init__(self, samples: int, functions=ode_samplers, model=None):
+        self.model = model if model is not None else load_reference()
+        self.judge = load_judge()
+        self.labels = torch.arange(samples) % 10
+        self.functions = functions
+
+    def _sample(self, model, sampler, steps, schedule=None, forecaster=None):
+        return sample(model, self.labels, sampler, steps, SEED, schedule, forecaster, functions=self.functions)
+
+    def rows(self, steps: int, sampler: str, targets=TARGETS, log=print) -> list[Row]:
+        n = len(self.labels)
+        full, _ = self._sample(self.model, sampler, steps)
+        out = []
+
+        def add(target, method, setting, images, speedup, cache_bytes):
+            row = Row(steps, sampler, target, method, setting, speedup, cache_bytes / n)
+            scores = self.judge.evaluate(images, self.labels, reference=full)
+            row.psnr, row.fd = scores["psnr"], scores["fd"]
+            out.append(row)
+            log(f"  {steps:>3} {sampler:<9} {target:>3g}x {method:<32} flops {speedup:5.2f}x  psnr {row.psnr:6.2f}  "
+                f"fd {row.fd:7.3f}  cache {row.cache_bytes_per_image / 1024:7.1f} KiB/image")
+
+        add(1, "full compute", f"{steps} steps", full, 1.0, 0)
+        timesteps = step_timesteps(steps)
+        for target in targets:
+            computed = full_steps(steps, target)
+            images, _ = self._sample(self.model, sampler, computed)
+            add(target, "fewer steps", f"{computed} steps", images, steps / computed, 0)
+            schedule = Schedule(kinds=tuple(generic_pattern(steps, steps / computed)), name=f"generic-{computed}")
+            for method, make in ENGINE_ROWS:
+                images, run = self._sample(self.model, sampler, steps, schedule, make() if make else None)
+                add(target, method, schedule.pattern, images, run.stats.flops_speedup, run.stats.cache_bytes_peak)
+            pattern = "".join("1" if i in uniform_steps(steps, computed) else "0" for i in range(steps))
+            for method, cls in (("Spectrum-style (pack re-impl.)", SpectrumStyle),
+                                ("FreqCa-style (pack re-impl.)", FreqCaStyle)):
+                wrapped = cls(self.model, uniform_steps(steps, computed), timesteps)
+                images, _ = self._sample(wrapped, sampler, steps)
+                add(target, method, pattern, images, wrapped.stats.flops_speedup, wrapped.cache_bytes)
+        return out
+
+
+def _cell(row: Row, full: Row) -> str:
+    return f"{row.psnr:.2f} / {row.fd / full.fd:.2f}×"
+
+
+def markdown(rows: list[Row], command: str, samples: int, seconds: float, sampler_source: str) -> str:
+    lines = [f"Reference DiT on digits, {samples} samples, CFG 1.5, seed {SEED}, samplers: {sampler_source}; "
+             f"`{command}` ({seconds / 60:.1f} min, 2-core CPU, no GPU).", "",
+             "Each cell: PSNR against full compute (dB, higher is better) / FD as a multiple of full "
+             "compute's (lower is better). Every row of a column computes the block stack on the same "
+             "number of steps; the FLOPs line gives the measured speedups of that column's rows (min–max). "
+             "Cache: bytes held between steps per image, both CFG streams. Spectrum-style and "
+             "FreqCa-style are this pack's re-implementations of the published algorithms, not the "
+             "authors' code.", ""]
+    for steps in sorted({r.steps for r in rows}, reverse=True):
+        for sampler in dict.fromkeys(r.sampler for r in rows if r.steps == steps):
+            mine = [r for r in rows if r.steps == steps and r.sampler == sampler]
+            full = next(r for r in mine if r.method == "full compute")
+            targets = sorted({r.target for r in mine if r.method != "full compute"})
+            lines += [f"**{steps} steps, {sampler}** (full compute FD {full.fd:.3f})", "",
+                      "| method | cache KiB/image | " + " | ".join(f"~{t:g}x" for t in targets) + " |",
+                      "|---|---|" + "---|" * len(targets)]
+            speedups = []
+            for t in targets:
+                at = [r.flops_speedup for r in mine if r.target == t]
+                speedups.append(f"{min(at):.2f}–{max(at):.2f}×" if max(at) - min(at) > 0.005 else f"{at[0]:.2f}×")
+            lines.append("| FLOPs speedup | | " + " | ".join(speedups) + " |")
+            for method in METHODS[1:]:
+                cells = {r.target: r for r in mine if r.method == method}
+                memory = max(r.cache_bytes_per_image for r in cells.values()) / 1024
+                lines.append(f"| {method} | {memory:.1f} | " + " | ".join(_cell(cells[t], full) for t in targets) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """PSNR against FLOPs speedup, one line per method, one panel per step count and sampler."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r.steps, r.sampler) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (steps, sampler) in zip(axes[0], panels):
+        for method in METHODS[1:]:
+            mine = sorted((r for r in rows if (r.steps, r.sampler, r.method) == (steps, sampler, method)),
+                          key=lambda r: r.flops_speedup)
+            ours = method.startswith("ProCache")
+            ax.plot([r.flops_speedup for r in mine], [r.psnr for r in mine], marker="*" if ours else "o",
+                    ls="-" if ours else "--", label=method)
+        ax.set_title(f"reference DiT, {sampler}, {steps} steps")
+        ax.set_xlabel("FLOPs speedup (block work)")
+        ax.set_ylabel("PSNR vs full compute (dB)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_frontier(samples: int, step_counts=STEP_COUNTS, samplers=("euler", "dpmpp_2m"), targets=TARGETS,
+                 functions=ode_samplers, out: str | None = SCRATCH, command: str = "python -m benchmarks.frontier",
+                 model=None, log=print) -> list[Row]:
+    started = time.perf_counter()
+    bench = Frontier(samples, functions, model)
+    rows = []
+    for steps in step_counts:
+        for sampler in samplers:
+            rows += bench.rows(steps, sampler, targets, log)
+    seconds = time.perf_counter() - started
+    if out:
+        source = "ComfyUI's k-diffusion functions" if functions is not ode_samplers else "benchmarks.ode_samplers"
+        write_reports(out, "frontier", "# Speed-quality frontier\n\n" + markdown(rows, command, samples, seconds, source),
+                      {"command": command, "samples": samples, "seconds": round(seconds, 1),
+                       "rows": [dataclasses.asdict(r) for r in rows]}, lambda path: plot(rows, path), log)
+    log(f"done in {seconds / 60:.1f} min")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 samples, 20 steps, euler, 2x and 4x")
+    parser.add_argument("--samples", type=int, default=None, help="images per row (default 150)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None)
+    parser.add_argument("--comfyui", default=None,
+                        help="a ComfyUI checkout: sample with its k-diffusion functions and add dpmpp_sde")
+    add_out_option(parser)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    functions, samplers = ode_samplers, ("euler", "dpmpp_2m")
+    if args.comfyui:
+        os.environ["COMFYUI_PATH"] = args.comfyui
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        import comfy_env
+        comfy_env.load_comfy()
+        import comfy.k_diffusion.sampling as functions
+        samplers = ("euler", "dpmpp_2m", "dpmpp_sde")
+    if args.quick:
+        samplers = samplers[:1]
+    command = "python -m benchmarks.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
+    run_frontier(args.samples or (8 if args.quick else 150), args.steps or ([20] if args.quick else list(STEP_COUNTS)),
+                 samplers, (2, 4) if args.quick else TARGETS, functions, args.out, command.strip())
+
+
+if __name__ == "__main__":
+    main()
