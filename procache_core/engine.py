@@ -20,9 +20,9 @@ from .cache import CacheStore
 from .clock import StepClock
 from .families.base import Branch, BlockStack, FamilySpec, ProbeContext, forward_hooks, linear_params, resolve
 from .eoc import Correction, CorrectionState
-from .forecast import Forecaster, ForecastFitter, ForecastState, group_name
+from .forecast import Forecaster, ForecastFitter, ForecastState, combine, group_name
 from .memory import (BRANCH_LEVEL, MODEL_LEVEL, Budget, CachePlan, Census, Rung, choose, fake_tensors, ladder,
-                     planned_bytes, tensor_bytes)
+                     planned_bytes)
 from .policy import Policy
 from .schedule import StepKind
 from .stats import RunStats
@@ -50,7 +50,7 @@ class Run:
     def __init__(self, policy: Policy, clock: StepClock, family: FamilySpec | None,
                  selector: TokenSelector | None = None, cache_device=None, model_name: str = "",
                  forecaster: Forecaster | None = None, recorder: ForecastFitter | None = None,
-                 eoc: Correction | None = None, rung: Rung | None = None):
+                 eoc: Correction | None = None):
         self.policy = policy
         self.clock = clock
         self.family = family
@@ -75,12 +75,11 @@ class Run:
         self._started = time.perf_counter()
         self.closed = False
         # Granularity (memory.py): which blocks keep branches, which form residual spans, or the
-        # model-level residual. None: branch level everywhere (model level without a family).
-        self.rung = rung if rung is not None else (BRANCH_LEVEL if family is not None else MODEL_LEVEL)
+        # model-level residual; branch level everywhere until a plan says otherwise.
+        self.rung = BRANCH_LEVEL if family is not None else MODEL_LEVEL
         self.plan: CachePlan | None = None
         self.block_flops: dict[int, float] = {}     # full-step branch FLOPs per block (spans count them)
         self.carry_maps: dict[int, tuple] = {}      # block -> which input each output continues
-        self.span_clones: dict[tuple[int, int], bool] = {}   # span -> its first block changes inputs in place
         self.census: Census | None = None           # what a full step stores (make_plan)
         self.recording: Census | None = None        # set on the scout run that takes a census
         self.quantize_options: tuple = (None, False)  # 8-bit format the ladder may use, for every rung
@@ -181,9 +180,7 @@ class Run:
                 census.stacks.append((first, first + count))
                 first += count
             for index, _, block in self.family.blocks(model):
-                handles.append(block.register_forward_pre_hook(_census_inputs(census, index), with_kwargs=True))
                 handles.append(block.register_forward_hook(_census_carry(census, index), with_kwargs=True))
-        handles.append(model.register_forward_pre_hook(_census_inputs(census, "model"), with_kwargs=True))
         handles.append(model.register_forward_hook(_census_model(census), with_kwargs=True))
         try:
             with fake_tensors(), torch.no_grad(), scout.model_call(model, sigma, streams):
@@ -194,7 +191,6 @@ class Run:
             for m, pre, post in hidden:
                 m._forward_pre_hooks.update(pre)
                 m._forward_hooks.update(post)
-            census.__dict__.pop("inputs", None)
         for key, size, size8 in scout.cache.items():
             if key[0] == "model" or not isinstance(key[0], int):
                 continue
@@ -215,15 +211,17 @@ class Run:
         self.quantize_options = (quantize, quantize_all)
         census = census.per_stream(streams or census.streams)
         limit = budget.limit(free_bytes, census.residual, census.streams)
-        deep = [b for b in range(census.num_blocks) if self.policy.refreshes(b, census.num_blocks)] \
-            if self.family is not None else []
         if self.family is None:         # no branches to keep: the model-level residual is the only rung
             census = dataclasses.replace(census, stacks=[], values={}, carry={})
-        plan = choose(census, limit, device, phases=self.phases, deep_blocks=deep, quantize=quantize,
-                      quantize_all=quantize_all)
+        plan = choose(census, limit, device, phases=self.phases, deep_blocks=self._deep_blocks(census),
+                      quantize=quantize, quantize_all=quantize_all)
         self.census, self.plan = census, plan
         self._use_rung(plan.rung)
         return plan
+
+    def _deep_blocks(self, census: Census) -> list[int]:
+        """The blocks selective steps refresh (the ladder can keep them at branch level first)."""
+        return [b for b in range(census.num_blocks) if self.policy.refreshes(b, census.num_blocks)]
 
     def _use_rung(self, rung: Rung) -> None:
         self.rung = rung
@@ -241,8 +239,7 @@ class Run:
         if census is None:          # no plan was made: the model-level residual needs no census
             self.rung = MODEL_LEVEL
             return None
-        deep = [b for b in range(census.num_blocks) if self.policy.refreshes(b, census.num_blocks)]
-        rungs = ladder(census, deep, *self.quantize_options)
+        rungs = ladder(census, self._deep_blocks(census), *self.quantize_options)
         rung = rungs[rungs.index(self.rung) + 1] if self.rung in rungs[:-1] else rungs[-1]
         if rung == self.rung:
             return None
@@ -447,13 +444,8 @@ class _Call:
         run = self.run
         if run.forecast is None:
             return run.cache.get(self.streams, key, device=device)
-        out = None
-        for slot, weight in run.forecast.plan(key, self.schedule_step, group, self.sigma):
-            value = run.cache.get(self.streams, key + ("history", slot), device=device)
-            if value is None:
-                return None
-            out = value * weight if out is None else out.add(value, alpha=weight)
-        return out
+        return combine(run.cache, self.streams, key, run.forecast.plan(key, self.schedule_step, group, self.sigma),
+                       device)
 
     def _remember(self, key, value: torch.Tensor) -> None:
         """Store a full step's value (into the forecaster's history when forecasting)."""
@@ -482,7 +474,8 @@ class _Call:
         def store(scores):
             for name, value in scores.items():
                 run.cache.put(self.streams, (index, name, "importance"), value)
-        ctx = ProbeContext(deep=run.policy.refreshes(index, self._num_blocks) and run.keeps_branches(index), store=store, notes=self.probe_notes,
+        deep = run.policy.refreshes(index, self._num_blocks) and run.keeps_branches(index)
+        ctx = ProbeContext(deep=deep, store=store, notes=self.probe_notes,
                            queries=lambda n, device: run.selector.query_subset(n, step, index, device))
         with forward_hooks(probe(block, args, kwargs, ctx)):
             return original(*args, **kwargs)
@@ -703,15 +696,10 @@ def _carried(carry, args, kwargs):
     return parts if is_tuple else parts[0]
 
 
-def _census_inputs(census: Census, where):
-    def hook(module, args, kwargs):
-        census.__dict__.setdefault("inputs", {})[where] = (args, kwargs)
-    return hook
-
-
+# Census hooks see a block's (fake) inputs with its output: only shapes and dtypes are read, which a
+# block's in-place updates of its inputs do not change.
 def _census_carry(census: Census, index: int):
     def hook(module, args, kwargs, output):
-        args, kwargs = census.inputs.pop(index, (args, kwargs))
         carry = carry_map(args, kwargs, output)
         if carry is None:
             census.carry[index] = census.eight_bit.carry[index] = None
@@ -727,7 +715,6 @@ def _census_carry(census: Census, index: int):
 
 def _census_model(census: Census):
     def hook(module, args, kwargs, output):
-        args, kwargs = census.inputs.pop("model", (args, kwargs))
         x = args[0] if args else next(iter(v for v in kwargs.values() if torch.is_tensor(v)))
         if torch.is_tensor(output) and output.shape[0] == x.shape[0] and output.shape[1] <= x.shape[1]:
             residual = output - x[:, :output.shape[1]]

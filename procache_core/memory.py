@@ -95,11 +95,6 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a stored tensor holds: its whole storage (a view keeps its base alive)."""
-    return t.untyped_storage().nbytes()
-
-
 @dataclasses.dataclass
 class Sizes:
     """The byte tables of a census as an 8-bit store would hold them (codes plus a scale per token)."""
@@ -327,24 +322,18 @@ class CachePlan:
 
 
 def choose(census: Census, budget: int | None, device: str, *, phases: Phases = ((1, False),),
-           deep_blocks: Iterable[int] = (), coarser_than: Rung | None = None, quantize: str | None = None,
-           quantize_all: bool = False) -> CachePlan:
+           deep_blocks: Iterable[int] = (), quantize: str | None = None, quantize_all: bool = False) -> CachePlan:
     """The finest rung whose plan fits `budget` (None: the finest rung).
 
-    coarser_than: only rungs after this one (a run that ran out of memory moves down the ladder).
     quantize / quantize_all: 8-bit rungs after each granularity, or every rung in 8 bits.
     """
-    rungs = ladder(census, deep_blocks, quantize, quantize_all)
-    if coarser_than is not None and coarser_than in rungs:
-        rungs = rungs[rungs.index(coarser_than) + 1:]
+    rungs = ladder(census, deep_blocks, quantize, quantize_all)     # never empty: it ends at the model level
     considered = []
     for rung in rungs:
         size = planned_bytes(census, rung, phases)
         considered.append((rung.describe(census.num_blocks), size))
         if budget is None or size <= budget:
             return CachePlan(rung, size, budget, device, census.num_blocks, considered)
-    if not rungs:
-        raise MemoryError("no coarser granularity is left")
     rung = rungs[-1]
     size = planned_bytes(census, rung, phases)
     return CachePlan(rung, size, budget, device, census.num_blocks, considered,
