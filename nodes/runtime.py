@@ -194,7 +194,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     sigmas = args[_SIGMAS] if len(args) > _SIGMAS else kwargs["sigmas"]
     user_callback = args[_CALLBACK] if len(args) > _CALLBACK else kwargs.get("callback")
     run = start_run(config, guider.model_patcher, sigmas)
-    run.expected_streams = cfg_streams(guider)
+    if config.budget is not None and config.recorder is None:     # calibration runs keep every branch
+        run.plan_request = PlanRequest(config.budget, config.cache_precision, cfg_streams(guider))
     sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
     sampler_function = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
     run.clock.corrector_at_next_sigma = sampler_function in CORRECTOR_AT_NEXT_SIGMA
@@ -267,22 +268,26 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
     run.stats.notes.extend(notes + [sentence])
     if run.eoc is not None:
         run.eoc.notes = run.stats.notes     # a prior that does not fit this run says so in the run's report
-
-
     run.stats.schedule, run.stats.schedule_steps = config.schedule.name, config.schedule.steps
     for note in notes:
         log.info("ProCache: %s", note)
-    run.budget = config.budget
-    run.cache_precision = config.cache_precision
-    run.planning = config.budget is not None and config.recorder is None
     return run
 
 
-def plan_cache(run: Run, diffusion_model, sigma: float, streams, call_model) -> None:
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    """What the run's cache plan needs from Apply and the guider; consumed at the first model call."""
+
+    budget: Budget
+    precision: str                  # a key of memory.PRECISIONS
+    streams: int | None             # conditionings per step (cfg_streams); None: those of the first call
+
+
+def plan_cache(run: Run, request: PlanRequest, diffusion_model, sigma: float, streams, device,
+               call_model) -> None:
     """Before the first block computes: take the census of this run's first model call (on fake
     tensors), then pick the finest granularity that fits the budget."""
-    run.planning = False
-    device = run.cache.device or _parameter_device(diffusion_model)
+    device = run.cache.device or device
     try:
         census = run.take_census(diffusion_model, sigma, streams, call_model)
     except Exception as e:      # noqa: BLE001  (a model the census cannot trace keeps branch level)
@@ -291,22 +296,13 @@ def plan_cache(run: Run, diffusion_model, sigma: float, streams, call_model) -> 
         run.stats.notes.append(note)
         log.warning("ProCache: %s", note)
         return
-    free = None
-    if run.budget.kind == "auto":
-        free = comfy.model_management.get_free_memory(device)
-    expected = max(getattr(run, "expected_streams", None) or 0, len(streams))
-    quantize, quantize_all = PRECISIONS[run.cache_precision]
-    plan = run.make_plan(census, run.budget, free, str(device), streams=expected, quantize=quantize,
-                         quantize_all=quantize_all)
-    if run.budget.kind == "auto" and free is not None:
+    free = comfy.model_management.get_free_memory(device) if request.budget.kind == "auto" else None
+    quantize, quantize_all = PRECISIONS[request.precision]
+    plan = run.make_plan(census, request.budget, free, str(device), streams=max(request.streams or 0, len(streams)),
+                         quantize=quantize, quantize_all=quantize_all)
+    if free is not None:
         plan.budget_source = f"auto: {round(AUTO_SHARE * 100)}% of {format_bytes(free)} free"
     log.info("ProCache: cache plan: %s", plan.text())     # the panel and the run summary show it too
-
-
-def _parameter_device(module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def model_display_name(model_patcher) -> str:
@@ -378,8 +374,10 @@ def apply_model_wrapper(executor, *args, **kwargs):
         sigma = args[1]
     batch = args[0].shape[0]
     streams = stream_ids(transformer_options, batch)
-    if getattr(run, "planning", False):
-        plan_cache(run, base_model.diffusion_model, float(sigma.flatten()[0]), streams,
+    request = getattr(run, "plan_request", None)
+    if request is not None:          # the run's first model call: plan the cache once
+        run.plan_request = None
+        plan_cache(run, request, base_model.diffusion_model, float(sigma.flatten()[0]), streams, args[0].device,
                    lambda: executor(*args, **kwargs))
     while True:
         try:
