@@ -243,15 +243,11 @@ class Plans:
     seconds: float
     estimate: float | None = None       # the branch-level estimate in GiB, where it gives one
 
-    def deep(self, run: Run) -> list[int]:
-        n = self.census.num_blocks
-        return [b for b in range(n) if run.policy.refreshes(b, n)]
-
     def rung_bytes(self, key: str) -> dict[str, int | None]:
         run = self.runs[key]
         return {name: None if rung is None else
                 memory.planned_bytes(self.census, rung, run.phases)
-                for name, rung in named_rungs(self.census, self.deep(run)).items()}
+                for name, rung in named_rungs(self.census, run.deep_blocks(self.census)).items()}
 
     def pick(self, key: str, free_gib: float) -> memory.CachePlan:
         return self.runs[key].make_plan(self.census, memory.Budget("auto"), int(free_gib * GIB), "cuda:0",

@@ -213,13 +213,13 @@ class Run:
         limit = budget.limit(free_bytes, census.residual, census.streams)
         if self.family is None:         # no branches to keep: the model-level residual is the only rung
             census = dataclasses.replace(census, stacks=[], values={}, carry={})
-        plan = choose(census, limit, device, phases=self.phases, deep_blocks=self._deep_blocks(census),
+        plan = choose(census, limit, device, phases=self.phases, deep_blocks=self.deep_blocks(census),
                       quantize=quantize, quantize_all=quantize_all)
         self.census, self.plan = census, plan
         self._use_rung(plan.rung)
         return plan
 
-    def _deep_blocks(self, census: Census) -> list[int]:
+    def deep_blocks(self, census: Census) -> list[int]:
         """The blocks selective steps refresh (the ladder can keep them at branch level first)."""
         return [b for b in range(census.num_blocks) if self.policy.refreshes(b, census.num_blocks)]
 
@@ -239,7 +239,7 @@ class Run:
         if census is None:          # no plan was made: the model-level residual needs no census
             self.rung = MODEL_LEVEL
             return None
-        rungs = ladder(census, self._deep_blocks(census), *self.quantize_options)
+        rungs = ladder(census, self.deep_blocks(census), *self.quantize_options)
         rung = rungs[rungs.index(self.rung) + 1] if self.rung in rungs[:-1] else rungs[-1]
         if rung == self.rung:
             return None

@@ -97,8 +97,7 @@ def test_budget_walks_the_ladder_finest_first(pack, runs):
         plan = run.plan
         sizes.append(plan.bytes)
         # the chosen rung fits, and every finer rung of the ladder did not
-        rungs = memory.ladder(run.census, [b for b in range(run.census.num_blocks)
-                                           if run.policy.refreshes(b, run.census.num_blocks)])
+        rungs = memory_ladder(run)
         finer = rungs[:rungs.index(plan.rung)]
         assert all(memory.planned_bytes(run.census, r, run.phases) > plan.budget
                    for r in finer if plan.budget is not None)
@@ -185,8 +184,7 @@ def test_repeated_out_of_memory_ends_in_full_compute(pack, runs, monkeypatch):
 
 def memory_ladder(run):
     from procache_comfyui.procache_core import memory
-    return memory.ladder(run.census, [b for b in range(run.census.num_blocks)
-                                      if run.policy.refreshes(b, run.census.num_blocks)])
+    return memory.ladder(run.census, run.deep_blocks(run.census))
 
 
 def test_memory_budget_input_refuses_text_it_cannot_read(pack):

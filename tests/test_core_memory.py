@@ -137,7 +137,7 @@ def test_coarsen_walks_down_the_ladder_to_the_model_level_residual(model):
         assert plan.rung != seen[-1] and "test" in plan.text()
         seen.append(run.rung)
     assert run.rung == MODEL_LEVEL and run.coarsen("again") is None
-    assert seen == ladder(run.census, [b for b in range(8) if policy.refreshes(b, 8)])[:len(seen)]
+    assert seen == ladder(run.census, run.deep_blocks(run.census))[:len(seen)]
 
 
 def test_rung_descriptions_say_what_is_kept():
