@@ -249,9 +249,10 @@ class Plans:
                 memory.planned_bytes(self.census, rung, run.phases)
                 for name, rung in named_rungs(self.census, run.deep_blocks(self.census)).items()}
 
-    def pick(self, key: str, free_gib: float) -> memory.CachePlan:
+    def pick(self, key: str, free_gib: float, precision: str = memory.DEFAULT_PRECISION) -> memory.CachePlan:
+        quantize, quantize_all = memory.PRECISIONS[precision]
         return self.runs[key].make_plan(self.census, memory.Budget("auto"), int(free_gib * GIB), "cuda:0",
-                                        streams=self.census.streams)
+                                        streams=self.census.streams, quantize=quantize, quantize_all=quantize_all)
 
 
 _CENSUS_MEMO: dict = {}
@@ -285,6 +286,7 @@ class Workflow:
     streams: int
     schedule: Schedule
     note: str = ""
+    precision: str = memory.DEFAULT_PRECISION
 
 
 def shipped_workflows() -> list[Workflow]:
@@ -308,6 +310,8 @@ def shipped_workflows() -> list[Workflow]:
             library("procache-pixart-20-7full", 20)
         note = "" if patterns else "router: planned with the PixArt schedule it is trained against"
         force_last = any(i.get("force_last_full") for i in by_type("ProCacheApply"))
+        precision = next((i["cache_precision"] for i in by_type("ProCacheApply") if "cache_precision" in i),
+                         memory.DEFAULT_PRECISION)
         for sampler in samplers:
             start = int(sampler.get("start_at_step", 0))
             end = min(int(sampler.get("end_at_step", schedule.steps)), schedule.steps)
@@ -316,7 +320,7 @@ def shipped_workflows() -> list[Workflow]:
                 part = schedule.with_kinds([1] + [int(k) for k in schedule.kinds[start + 1:end]])
                 note = f"steps {start}-{end} of {schedule.steps}"
             found.append(Workflow(os.path.basename(path), model, size, streams,
-                                  part.windowed(0.0, 1.0, force_last), note))
+                                  part.windowed(0.0, 1.0, force_last), note, precision))
     return found
 
 
@@ -402,7 +406,7 @@ def run_benchmark(log=print) -> dict:
     workflows = []
     for wf in shipped_workflows():
         p = plan_case(wf.file, MODELS[wf.model], wf.size, wf.streams, wf.schedule, {"plain": None})
-        workflows.append((wf, p.pick("plain", 24)))
+        workflows.append((wf, p.pick("plain", 24, wf.precision)))
         log(f"{wf.file}: {pick_text(workflows[-1][1])}")
     return {"cases": results, "workflows": workflows}
 
@@ -421,13 +425,13 @@ def report(result: dict, command: str, version: str, seconds: float) -> str:
         "## Ladder, plain reuse (history 1)", "", *ladder_table(cases, "plain"), "",
         "## Ladder, Taylor order 2 (history 3, plus the offsets selective steps keep)", "",
         *ladder_table(cases, "taylor2"), "",
-        f"## The auto budget's pick ({memory.AUTO_SHARE:.0%} of the free memory at run start)", "",
+        f"## The auto budget's pick ({memory.AUTO_SHARE:.0%} of the free memory at run start; cache_precision {memory.DEFAULT_PRECISION!r})", "",
         *picks_table(cases), "",
         "## Against the issue's estimate of branch level", "",
         "The estimate counts one value per branch, block and stream; the census also counts what selective steps "
         "keep: once per deep block (FLUX: the single blocks' attention outputs, since selective steps recompute only "
         "the MLP half of the fused linear), and with forecasting one offset per refreshed branch.", "", *issue_table(cases), "",
-        "## Shipped workflows at 24 GiB free (auto budget, their own schedule, plain reuse)", "",
+        "## Shipped workflows at 24 GiB free (auto budget, their own schedule and cache_precision, plain reuse)", "",
         *workflow_table(result["workflows"]), ""]
     return "\n".join(parts)
 

@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..procache_core import Schedule, ScheduleError, TokenSelector
-from ..procache_core.memory import AUTO_SHARE, PRECISIONS, Budget, BudgetError
+from ..procache_core.memory import AUTO_SHARE, DEFAULT_PRECISION, PRECISIONS, Budget, BudgetError
 from .eoc_node import EOC
 from .forecaster_node import FORECASTER
 from .runtime import ApplyConfig, attach, describe_model, double_caching_warning
@@ -45,7 +45,7 @@ class ProCacheApply(io.ComfyNode):
                                         "as the step-skipping caches keep) or unlimited. Where caching every "
                                         "branch does not fit, the first blocks keep their branches and the "
                                         "others share residuals over spans of blocks; the report says which."),
-                io.Combo.Input("cache_precision", options=list(PRECISIONS), default="model dtype", optional=True,
+                io.Combo.Input("cache_precision", options=list(PRECISIONS), default=DEFAULT_PRECISION, optional=True,
                                tooltip="How cached values are stored. model dtype: exactly as computed. 8-bit when "
                                        "needed: where the budget would otherwise force a coarser granularity, "
                                        "try the same one in 8 bits first (int8 codes with a scale per token: about "
@@ -80,7 +80,7 @@ class ProCacheApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
                 selector: SelectorConfig | None = None, forecaster=None, eoc=None,
-                memory_budget: str = "auto", cache_precision: str = "model dtype") -> io.NodeOutput:
+                memory_budget: str = "auto", cache_precision: str = DEFAULT_PRECISION) -> io.NodeOutput:
         if not isinstance(schedule, Schedule):     # a node of another pack on a loosely typed link
             raise ScheduleError(f"the schedule input got {type(schedule).__name__}: connect ProCache Schedule Loader")
         if start_percent > end_percent:
@@ -94,7 +94,7 @@ class ProCacheApply(io.ComfyNode):
                              force_last_full=force_last_full, selector=selector.tokens,
                              deep_fraction=selector.deep_fraction, cache_on_cpu=cache_on_cpu,
                              forecaster=forecaster, eoc=eoc, budget=budget,
-                             cache_precision=cache_precision if cache_precision in PRECISIONS else "model dtype")
+                             cache_precision=cache_precision if cache_precision in PRECISIONS else DEFAULT_PRECISION)
         mode, sentence = describe_model(model)
         if mode == "none":
             log.warning("ProCache: %s", sentence)

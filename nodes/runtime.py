@@ -26,7 +26,7 @@ from comfy_api.latest import io
 from . import events
 from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
 from ..procache_core.families import is_unet
-from ..procache_core.memory import AUTO_SHARE, PRECISIONS, Budget, format_bytes
+from ..procache_core.memory import AUTO_SHARE, DEFAULT_PRECISION, PRECISIONS, Budget, format_bytes
 
 log = logging.getLogger("procache")
 
@@ -51,7 +51,7 @@ class ApplyConfig:
     recorder: object = None        # a ForecastFitter during calibration runs (shared, not copied)
     eoc: object = None             # procache_core.eoc.Correction; None: reused values are not corrected
     budget: Budget | None = None    # the cache's memory budget (memory.py; None: no plan); Apply's default is auto
-    cache_precision: str = "model dtype"    # a key of memory.PRECISIONS: where the ladder may store 8-bit codes
+    cache_precision: str = DEFAULT_PRECISION    # a key of memory.PRECISIONS: where the ladder may store 8-bit codes
 
 
 class LastRuns:

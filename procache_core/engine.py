@@ -231,15 +231,15 @@ class Run:
 
     def coarsen(self, why: str) -> CachePlan | None:
         """Free the cache and move the rest of the run to the next coarser rung (after an
-        allocation failure). None when the run already holds the model-level residual only."""
+        allocation failure). None when the run already holds the smallest rung."""
         self.cache.clear()
-        if self.rung.model_level:
-            return None
         census = self.census
         if census is None:          # no plan was made: the model-level residual needs no census
             self.rung = MODEL_LEVEL
             return None
         rungs = ladder(census, self.deep_blocks(census), *self.quantize_options)
+        if self.rung == rungs[-1]:
+            return None
         rung = rungs[rungs.index(self.rung) + 1] if self.rung in rungs[:-1] else rungs[-1]
         if rung == self.rung:
             return None

@@ -30,11 +30,12 @@ def runs(pack, monkeypatch):
     return made
 
 
-def _apply(pack, mp, budget, pattern=SELECTIVE, forecaster=None, cache_on_cpu=False):
+def _apply(pack, mp, budget, pattern=SELECTIVE, forecaster=None, cache_on_cpu=False, precision=None):
     from procache_comfyui.procache_core import parse_pattern
     node = pack.nodes.apply_node.ProCacheApply
+    extra = {"cache_precision": precision} if precision else {}     # None: the node's default
     return node.execute(mp, parse_pattern(pattern), 0.0, 1.0, False, cache_on_cpu, memory_budget=budget,
-                        forecaster=forecaster).result[0]
+                        forecaster=forecaster, **extra).result[0]
 
 
 def _residuals_budget(run, count):
@@ -108,7 +109,7 @@ def test_budget_walks_the_ladder_finest_first(pack, runs):
 
 def test_mixed_rungs_keep_the_first_blocks_at_branch_level(pack, runs):
     mp = comfy_env.make_patcher("flux", size="small")
-    comfy_env.sample(_apply(pack, mp, "16 residuals"), "flux")
+    comfy_env.sample(_apply(pack, mp, "16 residuals", precision="model dtype"), "flux")
     run = runs[-1]
     assert run.plan.rung.kind == "mixed", run.plan.text()
     kept = run.plan.rung.branch_blocks
@@ -131,7 +132,7 @@ def test_reuse_at_span_rung_differs_from_full_and_stays_close(pack, runs):
     plain = comfy_env.sample(mp, "wan")
     errors = {}
     for budget in ("unlimited", "2 residuals", "minimal"):
-        out = comfy_env.sample(_apply(pack, mp, budget, pattern="1,0,1,0,1,1"), "wan")
+        out = comfy_env.sample(_apply(pack, mp, budget, pattern="1,0,1,0,1,1", precision="model dtype"), "wan")
         errors[runs[-1].plan.rung.kind] = ((out - plain).norm() / plain.norm()).item()
     assert set(errors) == {"branch", "spans", "model"}
     assert all(0 < e < 0.5 for e in errors.values()), errors
@@ -154,7 +155,8 @@ def test_out_of_memory_mid_run_moves_down_the_ladder_and_the_image_comes_out(pac
         out = comfy_env.sample(_apply(pack, mp, "unlimited", pattern="1,0,1,0,1,0"), "wan")
     run = runs[-1]
     assert torch.isfinite(out).all() and failures["left"] == 0
-    assert run.rung.kind != "branch" and run.stats.plan["rung"] == run.rung.kind
+    # the default precision's first step down is branch level in 8 bits
+    assert (run.rung.kind, run.rung.quantize) == ("branch", "int8") and run.stats.plan["rung"] == run.rung.kind
     notes = runtime.LAST_RUNS.latest()["notes"]
     assert any("out of memory while caching" in n and "smaller one" in n for n in notes)
     assert "R" in runtime.LAST_RUNS.latest()["actual"]["stream 0"][3:]    # still caching after the failure
@@ -184,7 +186,8 @@ def test_repeated_out_of_memory_ends_in_full_compute(pack, runs, monkeypatch):
 
 def memory_ladder(run):
     from procache_comfyui.procache_core import memory
-    return memory.ladder(run.census, run.deep_blocks(run.census))
+    quantize, quantize_all = run.quantize_options
+    return memory.ladder(run.census, run.deep_blocks(run.census), quantize=quantize, quantize_all=quantize_all)
 
 
 def test_memory_budget_input_refuses_text_it_cannot_read(pack):
@@ -223,3 +226,17 @@ def test_plan_equals_peak_when_cfg_passes_run_in_separate_calls(pack, runs, monk
     run = runs[-1]
     assert set(calls) == {1}                    # every call held one stream
     assert run.census.streams == 2 and run.stats.plan["bytes"] == run.stats.cache_bytes_peak
+
+
+def test_default_precision_keeps_branch_level_in_8_bits_before_going_coarser(pack, runs):
+    node = pack.nodes.apply_node.ProCacheApply
+    option = next(i for i in node.GET_SCHEMA().inputs if i.id == "cache_precision")
+    assert option.default == "8-bit when needed"
+    mp = comfy_env.make_patcher("flux", size="small")
+    comfy_env.sample(_apply(pack, mp, "16 residuals", precision="model dtype"), "flux")
+    in_model_dtype = runs[-1].plan
+    comfy_env.sample(_apply(pack, mp, "16 residuals"), "flux")
+    by_default = runs[-1].plan
+    assert in_model_dtype.rung.kind != "branch"
+    assert by_default.rung.kind == "branch" and by_default.rung.quantize == "int8", by_default.text()
+    assert by_default.bytes <= by_default.budget and by_default.bytes == runs[-1].stats.cache_bytes_peak
