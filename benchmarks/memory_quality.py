@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from benchmarks.output import add_out_option, report_path  # noqa: E402
 from procache_core import SchedulePolicy  # noqa: E402
+from procache_core.forecast import Taylor  # noqa: E402
 from procache_core.memory import Budget, format_bytes  # noqa: E402
 from procache_core.reference.sampling import sample  # noqa: E402
 
@@ -47,13 +48,27 @@ def budget_of(name: str) -> Budget:
     return Budget.parse(name if not name.isdigit() else f"{name} residuals")
 
 
-def budget_label(name: str, precision: str = "model dtype") -> str:
+def budget_label(name: str, precision: str = "model dtype", forecast: str = "reuse") -> str:
     label = {"unlimited": "R = unlimited", "minimal": "model-level residual"}.get(name, f"R = {name}")
-    return label if precision == "model dtype" else f"{label}, {precision}"
+    label = label if precision == "model dtype" else f"{label}, {precision}"
+    return label if forecast == "reuse" else f"{label}, {FORECASTS[forecast][0]}"
+
+
+# Forecast rows: the budget must also hold the forecaster's history, so a forecasting run can sit
+# on a coarser rung than plain reuse at the same R.
+FORECASTS = {"reuse": ("plain reuse", lambda: None), "taylor1": ("Taylor 1", lambda: Taylor(1))}
+
+
+def budget_rows(forecasts, precisions):
+    """(budget, precision, forecast) of every ProCache row: all budgets in model dtype, the budgets
+    between unlimited and minimal in the other precisions, each with every forecast."""
+    return [(name, precision, forecast) for forecast in forecasts for precision in precisions
+            for name in (BUDGETS if precision == "model dtype" else BUDGETS[1:-1])]
 
 
 # ---- reference DiT --------------------------------------------------------------------------------
-def reference_rows(samples: int, steps: int, precisions=("model dtype",), log=print) -> list[dict]:
+def reference_rows(samples: int, steps: int, precisions=("model dtype",), forecasts=("reuse",),
+                   log=print) -> list[dict]:
     from .reference_bench import CFG_SCALE, PROCACHE_DEEP_FRACTION, PROCACHE_SELECTOR, SCHEDULES, Bench, load_schedule
     bench = Bench(samples)
     schedule = load_schedule(SCHEDULES.get(steps, SCHEDULES[50]))
@@ -61,22 +76,21 @@ def reference_rows(samples: int, steps: int, precisions=("model dtype",), log=pr
     rows = []
     full, _, _, _ = bench.plain(steps)
 
-    def add(method, setting, images, flops, plan=None):
-        row = {"method": method, "setting": setting, "flops": flops, "plan": plan}
+    def add(method, setting, images, flops, plan=None, forecast="reuse"):
+        row = {"method": method, "setting": setting, "flops": flops, "plan": plan, "forecast": forecast}
         row.update(bench.judge.evaluate(images, bench.labels, reference=full))
         rows.append(row)
         log(f"  {steps:>3} steps  {method:<30} {setting:<34} flops {flops:5.2f}x  psnr {row['psnr']:6.2f}  "
             f"fd {row['fd']:7.3f}  {plan['text'] if plan else ''}")
 
     add("full compute", f"DDIM {steps}", full, 1.0)
-    for precision in precisions:
-        for name in BUDGETS if precision == "model dtype" else BUDGETS[1:-1]:
-            policy = SchedulePolicy(schedule, deep_fraction=PROCACHE_DEEP_FRACTION)
-            images, run = sample(bench.model, bench.labels, steps, CFG_SCALE, 0, policy=policy,
-                                 selector=PROCACHE_SELECTOR, return_run=True, budget=budget_of(name),
-                                 precision=precision)
-            add("ProCache + selective", budget_label(name, precision), images, run.stats.flops_speedup,
-                run.stats.plan)
+    for name, precision, forecast in budget_rows(forecasts, precisions):
+        policy = SchedulePolicy(schedule, deep_fraction=PROCACHE_DEEP_FRACTION)
+        images, run = sample(bench.model, bench.labels, steps, CFG_SCALE, 0, policy=policy,
+                             selector=PROCACHE_SELECTOR, return_run=True, budget=budget_of(name),
+                             precision=precision, forecaster=FORECASTS[forecast][1]())
+        add("ProCache + selective", budget_label(name, precision, forecast), images, run.stats.flops_speedup,
+            run.stats.plan, forecast)
     target = rows[1]["flops"]
     fewer = max(1, round(steps / target))
     images, _, _, _ = bench.plain(fewer)
@@ -89,9 +103,12 @@ def reference_rows(samples: int, steps: int, precisions=("model dtype",), log=pr
 
 
 def gain_kept(rows: list[dict], label: str) -> float | None:
+    """The share of branch level's PSNR gain over the model-level residual that the row `label`
+    keeps, both ends taken with the row's own forecast."""
     by = {r["setting"]: r for r in rows if r["method"].startswith("ProCache")}
-    top, bottom = by.get(budget_label("unlimited")), by.get(budget_label("minimal"))
     row = by.get(label)
+    forecast = row.get("forecast", "reuse") if row else "reuse"
+    top, bottom = by.get(budget_label("unlimited", forecast=forecast)), by.get(budget_label("minimal", forecast=forecast))
     if not (top and bottom and row) or top["psnr"] - bottom["psnr"] <= 0:
         return None
     return (row["psnr"] - bottom["psnr"]) / (top["psnr"] - bottom["psnr"])
@@ -127,7 +144,7 @@ HW = {"pixart": 48, "flux": 32, "wan": 12}
 SCHEDULE = "procache-dit-50-17full"
 
 
-def comfy_rows(family: str, steps: int, precisions=("model dtype",), log=print) -> list[dict]:
+def comfy_rows(family: str, steps: int, precisions=("model dtype",), forecasts=("reuse",), log=print) -> list[dict]:
     import comfy_env
     import comfy_extras.nodes_easycache as easycache
     from procache_comfyui.nodes import library
@@ -147,20 +164,22 @@ def comfy_rows(family: str, steps: int, precisions=("model dtype",), log=print) 
             counter.remove()
         return out, counter.calls
 
-    def add(method, setting, out, compute, plan=None):
+    def add(method, setting, out, compute, plan=None, forecast="reuse"):
         rel, psnr = latent_error(out, full["out"]) if full else (0.0, math.inf)
-        rows.append({"method": method, "setting": setting, "compute": compute, "rel": rel, "psnr": psnr, "plan": plan})
+        rows.append({"method": method, "setting": setting, "compute": compute, "rel": rel, "psnr": psnr, "plan": plan,
+                     "forecast": forecast})
         log(f"  {family:6} {steps:2} steps  {method:<30} {setting:<22} {compute:5.2f}x  rel L2 {rel:.4f}  "
             f"psnr {psnr:6.2f}  {plan['text'] if plan else ''}")
 
     out, calls = run(base)
     full.update(out=out, calls=calls)
     add("full compute", f"{steps} steps", out, 1.0)
-    for precision in precisions:
-        for name in BUDGETS if precision == "model dtype" else BUDGETS[1:-1]:
-            out, _ = run(attach(base, ApplyConfig(schedule=schedule, budget=budget_of(name), cache_precision=precision)))
-            latest = LAST_RUNS.latest()
-            add("ProCache + selective", budget_label(name, precision), out, latest["flops_speedup"], latest["plan"])
+    for name, precision, forecast in budget_rows(forecasts, precisions):
+        out, _ = run(attach(base, ApplyConfig(schedule=schedule, budget=budget_of(name), cache_precision=precision,
+                                              forecaster=FORECASTS[forecast][1]())))
+        latest = LAST_RUNS.latest()
+        add("ProCache + selective", budget_label(name, precision, forecast), out, latest["flops_speedup"],
+            latest["plan"], forecast)
     target = rows[1]["compute"]
     fewer = max(1, round(steps / target))
     out, calls = run(base, fewer)
@@ -195,6 +214,8 @@ def main(argv=None):
     parser.add_argument("--no-reference", action="store_true", help="skip the reference DiT")
     parser.add_argument("--precisions", default="model dtype,8-bit when needed",
                         help="cache_precision settings of the budget rows (memory.PRECISIONS), comma-separated")
+    parser.add_argument("--forecasts", default="reuse,taylor1",
+                        help=f"forecasts of the budget rows ({', '.join(FORECASTS)}), comma-separated")
     add_out_option(parser, optional=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -202,9 +223,10 @@ def main(argv=None):
     lines = []
     steps_list = [int(s) for s in args.steps.split(",")]
     precisions = [p.strip() for p in args.precisions.split(",")]
+    forecasts = [f.strip() for f in args.forecasts.split(",")]
     if not args.no_reference:
         for steps in steps_list:
-            lines += reference_table(reference_rows(args.samples, steps, precisions), steps)
+            lines += reference_table(reference_rows(args.samples, steps, precisions, forecasts), steps)
     if args.comfyui:
         os.environ["COMFYUI_PATH"] = os.path.abspath(os.path.expanduser(args.comfyui))
         import comfy_env
@@ -212,7 +234,7 @@ def main(argv=None):
         comfy_env.load_pack()
         for steps in steps_list:
             for family in args.families.split(","):
-                lines += comfy_table(family, steps, comfy_rows(family, steps, precisions))
+                lines += comfy_table(family, steps, comfy_rows(family, steps, precisions, forecasts))
     command = "python -m benchmarks.memory_quality " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     header = [f"Quality per memory budget at matched FLOPs; `{command.strip()}` "
               f"({(time.perf_counter() - started) / 60:.1f} min, one thread).", ""]
