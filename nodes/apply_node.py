@@ -51,6 +51,12 @@ class ProCacheApply(io.ComfyNode):
                                        "try the same one in 8 bits first (int8 codes with a scale per token: about "
                                        "half the bytes of bf16, a few hundredths of a dB on the reference DiT). "
                                        "int8 / fp8: always 8 bits."),
+                io.Boolean.Input("check_model_level", default=False, optional=True,
+                                 tooltip="At the first full steps, also measure how close one model-level "
+                                         "residual (what the step-skipping caches keep) would have come, and "
+                                         "keep only that for the rest of the run when it is clearly closer to "
+                                         "full compute than the granularity the budget gave. Helps most on "
+                                         "small budgets with a forecaster; the report says what it measured."),
                 SELECTOR.Input("selector", optional=True,
                                tooltip="From Token Importance Selector: which tokens selective steps recompute. "
                                        "Without it, selective steps refresh 10% of the tokens of the deepest 25% of blocks, by output norm."),
@@ -80,7 +86,8 @@ class ProCacheApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
                 selector: SelectorConfig | None = None, forecaster=None, eoc=None,
-                memory_budget: str = "auto", cache_precision: str = DEFAULT_PRECISION) -> io.NodeOutput:
+                memory_budget: str = "auto", cache_precision: str = DEFAULT_PRECISION,
+                check_model_level: bool = False) -> io.NodeOutput:
         if not isinstance(schedule, Schedule):     # a node of another pack on a loosely typed link
             raise ScheduleError(f"the schedule input got {type(schedule).__name__}: connect ProCache Schedule Loader")
         if start_percent > end_percent:
@@ -94,7 +101,8 @@ class ProCacheApply(io.ComfyNode):
                              force_last_full=force_last_full, selector=selector.tokens,
                              deep_fraction=selector.deep_fraction, cache_on_cpu=cache_on_cpu,
                              forecaster=forecaster, eoc=eoc, budget=budget,
-                             cache_precision=cache_precision if cache_precision in PRECISIONS else DEFAULT_PRECISION)
+                             cache_precision=cache_precision if cache_precision in PRECISIONS else DEFAULT_PRECISION,
+                             check_model_level=bool(check_model_level))
         mode, sentence = describe_model(model)
         if mode == "none":
             log.warning("ProCache: %s", sentence)

@@ -52,6 +52,7 @@ class ApplyConfig:
     eoc: object = None             # procache_core.eoc.Correction; None: reused values are not corrected
     budget: Budget | None = None    # the cache's memory budget (memory.py; None: no plan); Apply's default is auto
     cache_precision: str = DEFAULT_PRECISION    # a key of memory.PRECISIONS: where the ladder may store 8-bit codes
+    check_model_level: bool = False     # measure the rung against one model-level residual (rung_check.py)
 
 
 class LastRuns:
@@ -269,6 +270,8 @@ def start_run(config: ApplyConfig, model_patcher, sigmas: torch.Tensor) -> Run:
     if run.eoc is not None:
         run.eoc.notes = run.stats.notes     # a prior that does not fit this run says so in the run's report
     run.stats.schedule, run.stats.schedule_steps = config.schedule.name, config.schedule.steps
+    if config.check_model_level:
+        run.start_rung_check()
     for note in notes:
         log.info("ProCache: %s", note)
     return run

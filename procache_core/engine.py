@@ -24,6 +24,7 @@ from .forecast import Forecaster, ForecastFitter, ForecastState, combine, group_
 from .memory import (BRANCH_LEVEL, MODEL_LEVEL, Budget, CachePlan, Census, Rung, choose, fake_tensors, ladder,
                      planned_bytes)
 from .policy import Policy
+from .rung_check import RungCheck
 from .schedule import StepKind
 from .stats import RunStats
 from .tokens import SelectionContext, TokenSelector, gather_tokens, scatter_tokens
@@ -83,6 +84,7 @@ class Run:
         self.census: Census | None = None           # what a full step stores (make_plan)
         self.recording: Census | None = None        # set on the scout run that takes a census
         self.quantize_options: tuple = (None, False)  # 8-bit format the ladder may use, for every rung
+        self.rung_check: RungCheck | None = None    # the rung against one model-level residual (rung_check.py)
 
     # ---- the sampler's side ------------------------------------------------------------------
     def sampler_callback(self, user_callback: Callable | None,
@@ -100,6 +102,8 @@ class Run:
     def model_call(self, model: nn.Module, sigma: float, streams: Sequence[str]):
         """Attach to `model` for one call at noise level `sigma` with these CFG streams."""
         step = self.clock.step_for(sigma, tuple(streams))
+        if self.rung_check is not None and self.rung_check.settled_before(self.clock.offset + step):
+            self._settle_rung_check()
         call = _Call(self, step, tuple(streams), model, float(sigma))
         started = time.perf_counter()
         try:
@@ -120,6 +124,8 @@ class Run:
             if self.forecast is not None:
                 self.stats.notes.extend(self.forecast.report())
             self.cache.clear()
+            if self.rung_check is not None:
+                self.rung_check.free()
             self.stats.wall_seconds = time.perf_counter() - self._started
             if self.plan is not None:
                 self.stats.plan = self.plan.to_dict(self.stats.cache_bytes_peak)
@@ -216,6 +222,9 @@ class Run:
         plan = choose(census, limit, device, phases=self.phases, deep_blocks=self.deep_blocks(census),
                       quantize=quantize, quantize_all=quantize_all)
         self.census, self.plan = census, plan
+        if plan.rung.model_level and self.rung_check is not None:     # nothing coarser to check against
+            self.rung_check.free()
+            self.rung_check = None
         self._use_rung(plan.rung)
         return plan
 
@@ -243,13 +252,46 @@ class Run:
         rung = rungs[rungs.index(self.rung) + 1] if self.rung in rungs[:-1] else rungs[-1]
         if rung == self.rung:
             return None
-        previous = self.plan
+        if self.rung_check is not None:     # the check's residual is memory too
+            self.rung_check.free()
+            self.rung_check = None
+        self._replan(rung, why)
+        self._use_rung(rung)
+        return self.plan
+
+    def _replan(self, rung: Rung, why: str) -> None:
+        """The plan for the rest of the run moves to `rung`, keeping the budget it was made for."""
+        previous, census = self.plan, self.census
+        if census is None:
+            return
         self.plan = CachePlan(rung, planned_bytes(census, rung, self.phases),
                               previous.budget if previous else None, previous.device if previous else "?",
                               census.num_blocks, previous.considered if previous else [], reason=why,
                               budget_source=previous.budget_source if previous else "")
-        self._use_rung(rung)
-        return self.plan
+
+    def start_rung_check(self, steps: int = 2) -> None:
+        """Measure this run's rung against one model-level residual at its first full steps
+        (rung_check.py); a no-op where the model-level residual is the rung already."""
+        if self.family is None or self.rung.model_level or self.eoc is not None or self.recorder is not None:
+            return          # EOC and calibration runs read every cached step as it is
+        forecast = None
+        if self.forecast is not None:
+            forecast = ForecastState(self.forecast.forecaster, self.clock.sigmas)
+        self.rung_check = RungCheck(self.cache.device, forecast, steps)
+
+    def _settle_rung_check(self) -> None:
+        check, self.rung_check = self.rung_check, None
+        rung_text = self.rung.describe(self.census.num_blocks) if self.census is not None else "branch level"
+        self.stats.notes.append(check.text(rung_text))
+        if not check.model_level_wins():
+            check.free()
+            return
+        # the check's store already holds the model-level residual (and history) of the full steps so far
+        self.cache.clear()
+        self.rung, self.cache = MODEL_LEVEL, check.store
+        if self.forecast is not None:
+            self.forecast = check.forecast
+        self._replan(MODEL_LEVEL, "the rung check measured it closer to full compute")
 
     def branch_cost(self, block: nn.Module, branch: Branch, rows: int) -> float:
         key = id(block), branch.name
@@ -279,6 +321,7 @@ class _Call:
         self._recomputing = False
         self.probe_notes: dict = {}     # facts a family's probes share across this call's blocks
         self._prefetched: set = set()   # blocks whose cached values were copied ahead (cache_on_cpu)
+        self._guessing = False          # the rung check's pass: every block as on a cached step
 
     # ---- attaching ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -302,16 +345,42 @@ class _Call:
                     stack.enter_context(_instance_forward(block, self._span_forward(index, span)))
                 elif block_stack.reuse_forward is not None:
                     stack.enter_context(_instance_forward(block, self._block_forward(index, block, block_stack)))
+            if self.run.rung_check is not None and self.step_kind == StepKind.FULL:
+                stack.enter_context(_instance_forward(self.model, self._checked_forward))
             yield
 
     def block_kind(self, index: int) -> StepKind:
+        if self._guessing:
+            return StepKind.REUSE
         return self.run.policy.block_kind(self.schedule_step, index, self._num_blocks)
+
+    def _checked_forward(self, original):
+        """A full step during the rung check: first the output a cached step would give (no block
+        work, nothing counted), then the real one, and both guesses scored against it."""
+        def forward(x, *args, **kwargs):
+            check = self.run.rung_check
+            if check.forecast is not None:      # the sampler's damping is known only once sampling starts
+                check.forecast.damping = self.run.forecast.damping
+            guess = self._cached_pass(original, x, args, kwargs) if check.has_previous(self.streams) else None
+            out = original(x, *args, **kwargs)
+            check.record(self.streams, self.schedule_step, self.sigma, x, out, guess)
+            return out
+        return forward
+
+    def _cached_pass(self, original, x, args, kwargs):
+        saved = self.work, self._spans
+        self.work, self._spans, self._guessing = _CallWork(), {}, True
+        try:
+            return original(x, *args, **kwargs)
+        finally:
+            self.work, self._spans = saved
+            self._guessing, self._prefetched = False, set()
 
     def branch_kind(self, index: int, branch: Branch) -> StepKind:
         """The block's kind, refined per branch where the policy routes units (HarmoniCa)."""
         kind = self.block_kind(index)
         per_branch = getattr(self.run.policy, "branch_kind", None)
-        if kind == StepKind.FULL or per_branch is None:
+        if kind == StepKind.FULL or per_branch is None or self._guessing:
             return kind
         return per_branch(self.schedule_step, index, self._num_blocks, branch.role)
 

@@ -240,3 +240,25 @@ def test_default_precision_keeps_branch_level_in_8_bits_before_going_coarser(pac
     assert in_model_dtype.rung.kind != "branch"
     assert by_default.rung.kind == "branch" and by_default.rung.quantize == "int8", by_default.text()
     assert by_default.bytes <= by_default.budget and by_default.bytes == runs[-1].stats.cache_bytes_peak
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_check_model_level_measures_both_and_keeps_the_rung_it_does_not_beat(pack, runs, family):
+    from procache_comfyui.procache_core import parse_pattern
+    node = pack.nodes.apply_node.ProCacheApply
+    mp = comfy_env.make_patcher(family)
+    option = next(i for i in node.GET_SCHEMA().inputs if i.id == "check_model_level")
+    assert option.default is False and option.optional
+
+    def apply(check):
+        return node.execute(mp, parse_pattern("1,0,1,0,1,0,1,1"), 0.0, 1.0, False, False,
+                            memory_budget="unlimited", check_model_level=check).result[0]
+    plain = comfy_env.sample(apply(False), family, steps=8)
+    checked = comfy_env.sample(apply(True), family, steps=8)
+    run = runs[-1]
+    note = next(n for n in run.stats.notes if n.startswith("rung check"))
+    assert "at steps 2, 4" in note
+    # random weights: branch level is far closer, so it stays, and the cached pass inside ComfyUI's
+    # model (transformer_options, patches) leaves the run untouched
+    assert "branch level in all" in note and "stays" in note, note
+    assert torch.equal(plain, checked) and run.rung.kind == "branch"

@@ -30,7 +30,7 @@ EXAMPLE_ROUTER = "router_bench_T20_paper_credit_beta5e-08.safetensors"     # dra
 HF = "https://huggingface.co"
 # Every shipped workflow plans within 4 GiB of cache at 24 GiB free with the auto budget
 # (benchmarks/memory.py); the run's plan is in its report.
-MEMORY_DEFAULTS = {"memory_budget": "auto", "cache_precision": "8-bit when needed"}
+MEMORY_DEFAULTS = {"memory_budget": "auto", "cache_precision": "8-bit when needed", "check_model_level": False}
 
 
 def library(name: str) -> Schedule:

@@ -32,7 +32,7 @@ def ddim_timesteps(steps: int, train_steps: int = TRAIN_STEPS) -> list[int]:
 def sample(model: DiT, labels: torch.Tensor, steps: int = 50, cfg: float = 1.5, seed: int = 0,
            policy: Policy | None = None, selector: TokenSelector | None = None,
            noise: torch.Tensor | None = None, return_run: bool = False, forecaster=None, recorder=None, eoc=None,
-           budget=None, precision: str = "model dtype"):
+           budget=None, precision: str = "model dtype", rung_check: bool = False):
     """Deterministic DDIM (eta = 0). With `policy`, blocks run through the caching engine; with a
     `budget` (memory.Budget) the run plans its cache first and takes the finest rung that fits."""
     cfg_model = model.cfg
@@ -64,6 +64,8 @@ def sample(model: DiT, labels: torch.Tensor, steps: int = 50, cfg: float = 1.5, 
                     quantize, quantize_all = PRECISIONS[precision]
                     run.make_plan(census, budget, free_bytes=None, device=str(inp.device), quantize=quantize,
                                   quantize_all=quantize_all)
+                if rung_check and i == 0:
+                    run.start_rung_check()
                 with run.model_call(model, float(t), streams):
                     eps = model(inp, tt, y)
                 run.clock.step_finished(i)
