@@ -3,6 +3,7 @@
     python -m benchmarks.frontier                 # 50 and 20 steps, euler and dpmpp_2m, 2x..6x
     python -m benchmarks.frontier --quick         # a few samples, 20 steps, euler: seconds
     python -m benchmarks.frontier --comfyui ~/comfy/ComfyUI    # ComfyUI's samplers, dpmpp_sde added
+    python -m benchmarks.frontier --steps 20 --samplers euler --methods "ProCache Taylor 1"   # some rows only
 
 Writes frontier.{md,json,png} to benchmarks/out/ (`--out benchmarks/results` updates the tracked copy).
 
@@ -12,7 +13,9 @@ B = round(steps / S), so their FLOPs match (the table gives each row's measured 
     fewer steps           the sampler run with B steps
     ProCache ...          the engine (procache_core) on the library's generic schedule with B full
                           steps (search.generic_pattern), branch-level: plain reuse, Taylor 1, and
-                          the online Chebyshev forecaster, with the pack's sampler-aware safeguards
+                          the online Chebyshev forecaster, with the pack's sampler-aware safeguards;
+                          Taylor 1 and online also with the frequency split (low frequencies
+                          forecast, high ones reused: procache_core/frequency.py)
     Spectrum-style        the pack's re-implementation of Spectrum, model level, B uniform steps
     FreqCa-style          the pack's re-implementation of FreqCa, model level, B uniform steps
 
@@ -47,8 +50,13 @@ from .train_reference import load_reference
 
 TARGETS = (2, 3, 4, 5, 6)
 STEP_COUNTS = (50, 20)
+# The frequency split's cutoff: on the reference DiT's 4x4 token grid only 0 (the mean) and 0.5 (all
+# but Nyquist) differ; 0.5 scored higher (docs/forecast.md).
+FREQUENCY_CUTOFF = 0.5
 ENGINE_ROWS = (("ProCache reuse", None), ("ProCache Taylor 1", lambda: Taylor(1)),
-               ("ProCache online (Chebyshev)", lambda: Online()))
+               ("ProCache online (Chebyshev)", lambda: Online()),
+               ("ProCache Taylor 1 + frequency split", lambda: Taylor(1).with_frequency_split(FREQUENCY_CUTOFF)),
+               ("ProCache online + frequency split", lambda: Online().with_frequency_split(FREQUENCY_CUTOFF)))
 METHODS = ("full compute", "fewer steps") + tuple(name for name, _ in ENGINE_ROWS) + (
     "Spectrum-style (pack re-impl.)", "FreqCa-style (pack re-impl.)")
 SEED = 0
@@ -94,7 +102,8 @@ class Frontier:
     def _sample(self, model, sampler, steps, schedule=None, forecaster=None):
         return sample(model, self.labels, sampler, steps, SEED, schedule, forecaster, functions=self.functions)
 
-    def rows(self, steps: int, sampler: str, targets=TARGETS, log=print) -> list[Row]:
+    def rows(self, steps: int, sampler: str, targets=TARGETS, log=print, methods=METHODS) -> list[Row]:
+        """Every method in `methods` (full compute always) at each target speedup."""
         n = len(self.labels)
         full, _ = self._sample(self.model, sampler, steps)
         out = []
@@ -104,22 +113,27 @@ class Frontier:
             scores = self.judge.evaluate(images, self.labels, reference=full)
             row.psnr, row.fd = scores["psnr"], scores["fd"]
             out.append(row)
-            log(f"  {steps:>3} {sampler:<9} {target:>3g}x {method:<32} flops {speedup:5.2f}x  psnr {row.psnr:6.2f}  "
+            log(f"  {steps:>3} {sampler:<9} {target:>3g}x {method:<36} flops {speedup:5.2f}x  psnr {row.psnr:6.2f}  "
                 f"fd {row.fd:7.3f}  cache {row.cache_bytes_per_image / 1024:7.1f} KiB/image")
 
         add(1, "full compute", f"{steps} steps", full, 1.0, 0)
         timesteps = step_timesteps(steps)
         for target in targets:
             computed = full_steps(steps, target)
-            images, _ = self._sample(self.model, sampler, computed)
-            add(target, "fewer steps", f"{computed} steps", images, steps / computed, 0)
+            if "fewer steps" in methods:
+                images, _ = self._sample(self.model, sampler, computed)
+                add(target, "fewer steps", f"{computed} steps", images, steps / computed, 0)
             schedule = Schedule(kinds=tuple(generic_pattern(steps, steps / computed)), name=f"generic-{computed}")
             for method, make in ENGINE_ROWS:
+                if method not in methods:
+                    continue
                 images, run = self._sample(self.model, sampler, steps, schedule, make() if make else None)
                 add(target, method, schedule.pattern, images, run.stats.flops_speedup, run.stats.cache_bytes_peak)
             pattern = "".join("1" if i in uniform_steps(steps, computed) else "0" for i in range(steps))
             for method, cls in (("Spectrum-style (pack re-impl.)", SpectrumStyle),
                                 ("FreqCa-style (pack re-impl.)", FreqCaStyle)):
+                if method not in methods:
+                    continue
                 wrapped = cls(self.model, uniform_steps(steps, computed), timesteps)
                 images, _ = self._sample(wrapped, sampler, steps)
                 add(target, method, pattern, images, wrapped.stats.flops_speedup, wrapped.cache_bytes)
@@ -154,6 +168,8 @@ def markdown(rows: list[Row], command: str, samples: int, seconds: float, sample
             lines.append("| FLOPs speedup | | " + " | ".join(speedups) + " |")
             for method in METHODS[1:]:
                 cells = {r.target: r for r in mine if r.method == method}
+                if not cells:       # a run of some rows only (--methods)
+                    continue
                 memory = max(r.cache_bytes_per_image for r in cells.values()) / 1024
                 lines.append(f"| {method} | {memory:.1f} | " + " | ".join(_cell(cells[t], full) for t in targets) + " |")
             lines.append("")
@@ -172,6 +188,8 @@ def plot(rows: list[Row], path: str) -> None:
         for method in METHODS[1:]:
             mine = sorted((r for r in rows if (r.steps, r.sampler, r.method) == (steps, sampler, method)),
                           key=lambda r: r.flops_speedup)
+            if not mine:
+                continue
             ours = method.startswith("ProCache")
             ax.plot([r.flops_speedup for r in mine], [r.psnr for r in mine], marker="*" if ours else "o",
                     ls="-" if ours else "--", label=method)
@@ -187,13 +205,13 @@ def plot(rows: list[Row], path: str) -> None:
 
 def run_frontier(samples: int, step_counts=STEP_COUNTS, samplers=("euler", "dpmpp_2m"), targets=TARGETS,
                  functions=ode_samplers, out: str | None = SCRATCH, command: str = "python -m benchmarks.frontier",
-                 model=None, log=print) -> list[Row]:
+                 model=None, log=print, methods=METHODS) -> list[Row]:
     started = time.perf_counter()
     bench = Frontier(samples, functions, model)
     rows = []
     for steps in step_counts:
         for sampler in samplers:
-            rows += bench.rows(steps, sampler, targets, log)
+            rows += bench.rows(steps, sampler, targets, log, methods)
     seconds = time.perf_counter() - started
     if out:
         source = "ComfyUI's k-diffusion functions" if functions is not ode_samplers else "benchmarks.ode_samplers"
@@ -209,6 +227,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="8 samples, 20 steps, euler, 2x and 4x")
     parser.add_argument("--samples", type=int, default=None, help="images per row (default 150)")
     parser.add_argument("--steps", type=int, nargs="+", default=None)
+    parser.add_argument("--samplers", nargs="+", default=None, help="a subset of the samplers (default: all)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS[1:], metavar="METHOD",
+                        help=f"only these rows besides full compute, e.g. 'ProCache Taylor 1' (all: {', '.join(METHODS[1:])})")
     parser.add_argument("--comfyui", default=None,
                         help="a ComfyUI checkout: sample with its k-diffusion functions and add dpmpp_sde")
     add_out_option(parser)
@@ -224,9 +245,11 @@ def main(argv=None):
         samplers = ("euler", "dpmpp_2m", "dpmpp_sde")
     if args.quick:
         samplers = samplers[:1]
+    samplers = tuple(args.samplers) if args.samplers else samplers
     command = "python -m benchmarks.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     run_frontier(args.samples or (8 if args.quick else 150), args.steps or ([20] if args.quick else list(STEP_COUNTS)),
-                 samplers, (2, 4) if args.quick else TARGETS, functions, args.out, command.strip())
+                 samplers, (2, 4) if args.quick else TARGETS, functions, args.out, command.strip(),
+                 methods=("full compute", *args.methods) if args.methods else METHODS)
 
 
 if __name__ == "__main__":

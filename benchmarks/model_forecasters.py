@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from procache_core.frequency import TokenGrid, low_pass
 from procache_core.reference.dit import DiT
 
 from .baselines import BlockStackWrapper
@@ -74,18 +75,6 @@ class ChebyshevRidge:
     def nbytes(self) -> int:
         tensors = sum(t.numel() * t.element_size() for t in self.sums or ())
         return tensors + self.gram.numel() * self.gram.element_size()
-
-
-def low_pass(residual: torch.Tensor, side: int, cutoff: float) -> torch.Tensor:
-    """The low frequencies of [B, side², C] over the side x side token grid: 2-D FFT, keep
-    frequencies up to `cutoff` x Nyquist on both axes, inverse FFT."""
-    b, n, c = residual.shape
-    grid = residual.reshape(b, side, side, c)
-    spectrum = torch.fft.fft2(grid, dim=(1, 2))
-    freq = torch.fft.fftfreq(side).abs()                   # cycles per token, Nyquist 0.5
-    keep = freq <= cutoff * 0.5 + 1e-9
-    mask = (keep[:, None] & keep[None, :]).to(spectrum.dtype)[None, :, :, None]
-    return torch.fft.ifft2(spectrum * mask, dim=(1, 2)).real.reshape(b, n, c)
 
 
 class ScheduledModelForecast(BlockStackWrapper):
@@ -158,7 +147,8 @@ class FreqCaStyle(ScheduledModelForecast):
     def __init__(self, model, compute_steps, step_timesteps, cutoff: float = 0.5, **kwargs):
         super().__init__(model, compute_steps, step_timesteps, **kwargs)
         self.cutoff = cutoff
-        self.side = model.cfg.image_size // model.cfg.patch
+        side = model.cfg.image_size // model.cfg.patch
+        self.grid = TokenGrid(1, side, side)
         self.history: list[tuple[float, torch.Tensor]] = []     # (position, residual) of the last two computed
 
     def observe(self, x, h_in, h_out):
@@ -173,7 +163,7 @@ class FreqCaStyle(ScheduledModelForecast):
         # the low-pass is linear, so extrapolating the low part of each residual is the latest
         # residual plus the low part of the latest change, scaled to the step; the high part stays
         slope = (x - x_last) / (x_last - x_prev)
-        return h_in + last + slope * low_pass(last - prev, self.side, self.cutoff)
+        return h_in + last + slope * low_pass(last - prev, self.grid, self.cutoff)
 
     @property
     def cache_bytes(self) -> int:

@@ -91,30 +91,38 @@ class ProCacheForecaster(io.ComfyNode):
                                  tooltip="Reuse instead of forecasting under SDE and ancestral samplers (their "
                                          "injected noise makes extrapolation overshoot). Off: forecast the same "
                                          "under every sampler."),
+                io.Float.Input("frequency_cutoff", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Forecast only the coarse detail of each image branch: its spatial "
+                                       "frequencies up to this fraction of the finest the token grid holds; the "
+                                       "finer detail is reused from the last full step. Lower reuses more. 1: "
+                                       "every frequency is forecast (off). No extra memory. Text tokens and "
+                                       "joint text + image blocks are forecast whole."),
             ],
             outputs=[FORECASTER.Output(display_name="forecaster", tooltip="Connect to ProCache Apply.")],
         )
 
     @classmethod
     def validate_inputs(cls, source, text="", degree=2, forgetting=0.5, guard=True,
-                        sampler_aware=True) -> bool | str:
+                        sampler_aware=True, frequency_cutoff=1.0) -> bool | str:
         try:
-            _configured(source, text, degree, forgetting, guard, sampler_aware)
+            _configured(source, text, degree, forgetting, guard, sampler_aware, frequency_cutoff)
         except ForecastError as e:
             return str(e)
         return True
 
     @classmethod
     def execute(cls, source, text="", degree=2, forgetting=0.5, guard=True,
-                sampler_aware=True) -> io.NodeOutput:
-        forecaster = _configured(source, text, degree, forgetting, guard, sampler_aware)
-        label = forecaster.describe() if forecaster else "reuse"
+                sampler_aware=True, frequency_cutoff=1.0) -> io.NodeOutput:
+        forecaster = _configured(source, text, degree, forgetting, guard, sampler_aware, frequency_cutoff)
+        label = forecaster.label() if forecaster else "reuse"
         return io.NodeOutput(forecaster, ui={"text": [label]})
 
 
-def _configured(source, text, degree, forgetting, guard, sampler_aware):
+def _configured(source, text, degree, forgetting, guard, sampler_aware, frequency_cutoff=1.0):
     forecaster = load_forecaster(source, text or "", degree, forgetting)
-    return forecaster.with_safeguards(guard, sampler_aware) if forecaster is not None else None
+    if forecaster is None:      # reuse: nothing is forecast, so there is nothing to split
+        return None
+    return forecaster.with_safeguards(guard, sampler_aware).with_frequency_split(frequency_cutoff)
 
 
 class ProCacheForecasterTrainer(io.ComfyNode):

@@ -20,7 +20,7 @@ from .cache import CacheStore
 from .clock import StepClock
 from .families.base import Branch, BlockStack, FamilySpec, ProbeContext, forward_hooks, linear_params, resolve
 from .eoc import Correction, CorrectionState
-from .forecast import Forecaster, ForecastFitter, ForecastState, combine, group_name
+from .forecast import Forecaster, ForecastFitter, ForecastState, group_name
 from .memory import (BRANCH_LEVEL, MODEL_LEVEL, Budget, CachePlan, Census, Rung, choose, fake_tensors, ladder,
                      planned_bytes)
 from .policy import Policy
@@ -326,14 +326,17 @@ class _Call:
     # ---- attaching ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def attached(self):
-        if self.run.family is None or self.run.rung.model_level:
-            with _instance_forward(self.model, self._model_level_forward):
-                yield
-            return
-        blocks = self.run.family.blocks(self.model)
-        self._num_blocks = len(blocks)
-        self._spans: dict[tuple[int, int], dict] = {}     # this call's state of each residual span
         with contextlib.ExitStack() as stack:
+            forecast = self.run.forecast
+            if forecast is not None and forecast.forecaster.frequency_cutoff is not None:
+                stack.enter_context(_input_noted(self.model, forecast))
+            if self.run.family is None or self.run.rung.model_level:
+                stack.enter_context(_instance_forward(self.model, self._model_level_forward))
+                yield
+                return
+            blocks = self.run.family.blocks(self.model)
+            self._num_blocks = len(blocks)
+            self._spans: dict[tuple[int, int], dict] = {}     # this call's state of each residual span
             for index, block_stack, block in blocks:
                 for branch in block_stack.branches:
                     module = resolve(block, branch.path)
@@ -513,8 +516,7 @@ class _Call:
         run = self.run
         if run.forecast is None:
             return run.cache.get(self.streams, key, device=device)
-        return combine(run.cache, self.streams, key, run.forecast.plan(key, self.schedule_step, group, self.sigma),
-                       device)
+        return run.forecast.value(run.cache, self.streams, key, self.schedule_step, group, self.sigma, device)
 
     def _remember(self, key, value: torch.Tensor) -> None:
         """Store a full step's value (into the forecaster's history when forecasting)."""
@@ -710,6 +712,20 @@ class _Call:
 def token_rows(x: torch.Tensor) -> torch.Tensor:
     """x as [B, N, C]: Cosmos runs its MLP on a [B, T, H, W, C] grid of tokens."""
     return x.flatten(1, -2) if x.ndim > 3 else x
+
+
+@contextlib.contextmanager
+def _input_noted(model: nn.Module, forecast: ForecastState):
+    """Tell the forecast the latent of each model call (the frequency split's token grid)."""
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if torch.is_tensor(x):
+            forecast.note_model_input(module, x)
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

@@ -18,6 +18,9 @@ step overwrite the forecast, and keep their offset until the next full step).
 
 Memory stays bounded: K tensors per cached branch per CFG stream, in slots of the cache store.
 
+With a frequency split (`Forecaster.with_frequency_split`), only a unit's low spatial frequencies
+are forecast and its high ones are reused from the last full step (frequency.py).
+
 Two safeguards (`ForecastState`): the sampler's kind damps or switches off extrapolation where it
 overshoots (SDE and ancestral samplers inject noise every step), and a per-unit guard compares
 forecast and reuse errors at every full step and makes a unit whose forecasts miss more reuse.
@@ -30,6 +33,7 @@ from typing import Hashable, Sequence
 
 import torch
 
+from .frequency import patch_sizes, split_forecast, token_grid
 from .schedule import StepKind
 
 FORMAT = "procache.forecaster"
@@ -66,12 +70,15 @@ class Forecaster:
 
     guard: check each unit's forecast against plain reuse at every full step (`ForecastState`).
     sampler_aware: damp or switch off extrapolation under the samplers that overshoot (`DAMPING`).
+    frequency_cutoff: forecast only the spatial frequencies up to this fraction of Nyquist over the
+      image token grid and reuse the rest from the last full step (frequency.py); None: all.
     """
 
     kind = "none"
     history = 1
     guard = True
     sampler_aware = True
+    frequency_cutoff: float | None = None
 
     def slots_after(self, full_steps: int) -> int:
         """Tensors each unit holds after `full_steps` full steps (the cache plan counts them)."""
@@ -86,6 +93,21 @@ class Forecaster:
         other = copy.copy(self)
         other.guard, other.sampler_aware = bool(guard), bool(sampler_aware)
         return other
+
+    def with_frequency_split(self, cutoff: float | None) -> "Forecaster":
+        """A copy that forecasts the spatial frequencies up to `cutoff` x Nyquist (0..1) and reuses
+        the higher ones; None or 1 forecasts every frequency (no split)."""
+        if cutoff is not None and not (_finite(cutoff) and 0.0 <= cutoff <= 1.0):
+            raise ForecastError(f"frequency cutoff must be a number from 0 to 1 (1: no split), got {cutoff!r}")
+        other = copy.copy(self)
+        other.frequency_cutoff = None if cutoff is None or cutoff >= 1.0 else float(cutoff)
+        return other
+
+    def label(self) -> str:
+        """describe(), and the frequency split where there is one (the node shows it)."""
+        if self.frequency_cutoff is None:
+            return self.describe()
+        return f"{self.describe()}, frequencies up to {self.frequency_cutoff:g} x Nyquist (the rest reused)"
 
     def coefficients(self, step: int, group: str, times: Sequence[float], target: float) -> list[float]:
         """Weights for the stored values at `times` (oldest first) to forecast noise level `target`."""
@@ -464,6 +486,10 @@ class ForecastState:
         self.errors: dict[Hashable, tuple[float, float]] = {}     # unit -> recent (forecast, reuse) error
         self.reusing: set[Hashable] = set()          # units the guard makes reuse now
         self.ever_reused: set[Hashable] = set()
+        # the frequency split's token layout: the latent's spatial dims and the model's patch sizes
+        self.latent_dims: tuple[int, ...] | None = None
+        self.patches: tuple[int, ...] = ()
+        self.unsplit: set[Hashable] = set()          # units with no image token grid: forecast whole
 
     def use_sampler(self, function_name: str) -> list[str]:
         """Adapt to the sampler of this run (its sampling function's name); notes for the run report."""
@@ -482,6 +508,29 @@ class ForecastState:
             return [f"forecast damped under {name} ({kind} sampler): cached steps keep {self.damping:g} of the "
                     "extrapolation beyond the latest full value"]
         return []
+
+    def note_model_input(self, model, x: torch.Tensor) -> None:
+        """The latent a model call gets ([B, C, H, W] or [B, C, T, H, W]): where its image tokens lie."""
+        if x.ndim >= 4:
+            self.latent_dims, self.patches = tuple(x.shape[2:]), patch_sizes(model)
+
+    def value(self, cache, streams, key: Hashable, step: int, group: str, sigma: float,
+              device=None) -> torch.Tensor | None:
+        """This unit's estimate at `step` / `sigma` (None where a stored value is missing)."""
+        plan = self.plan(key, step, group, sigma)
+        return self._split(cache, streams, key, plan, combine(cache, streams, key, plan, device), device)
+
+    def _split(self, cache, streams, key, plan, forecast, device):
+        """The frequency split of a forecast (frequency.py); the forecast itself where there is none."""
+        cutoff, latest = self.forecaster.frequency_cutoff, self.memory.latest(key)
+        if cutoff is None or forecast is None or plan == [(latest, 1.0)]:
+            return forecast
+        grid = token_grid(forecast.shape, self.latent_dims, self.patches) if self.latent_dims else None
+        reused = cache.get(streams, key + ("history", latest), device=device) if grid else None
+        if reused is None:
+            self.unsplit.add(key)
+            return forecast
+        return split_forecast(forecast, reused, grid, cutoff)
 
     def store(self, cache, streams, key: Hashable, step: int, sigma: float, value: torch.Tensor) -> None:
         """Keep a unit's freshly computed value of full step `step`."""
@@ -517,7 +566,7 @@ class ForecastState:
         latest = self.memory.latest(key)
         if not plan or plan == [(latest, 1.0)]:
             return
-        forecast = combine(cache, streams, key, plan)
+        forecast = self._split(cache, streams, key, plan, combine(cache, streams, key, plan), None)
         reuse = cache.get(streams, key + ("history", latest))
         if forecast is None or reuse is None or forecast.shape != value.shape:
             return
@@ -535,12 +584,16 @@ class ForecastState:
             self.reusing.discard(key)
 
     def report(self) -> list[str]:
-        """Notes for the run report: what the guard decided."""
-        if not self.ever_reused:
-            return []
-        return [f"forecast guard: {len(self.ever_reused)} of {len(self.errors)} units reused instead of forecasting "
-                f"on some cached steps ({len(self.reusing)} at the end), where their recent forecasts missed the "
-                "computed value by more than plain reuse"]
+        """Notes for the run report: what the guard and the frequency split decided."""
+        notes = []
+        if self.unsplit:
+            notes.append(f"frequency split: {len(self.unsplit)} units have no image token grid (text tokens, joint "
+                         "text + image sequences): their whole value is forecast")
+        if self.ever_reused:
+            notes.append(f"forecast guard: {len(self.ever_reused)} of {len(self.errors)} units reused instead of "
+                         f"forecasting on some cached steps ({len(self.reusing)} at the end), where their recent "
+                         "forecasts missed the computed value by more than plain reuse")
+        return notes
 
 
 def combine(cache, streams, key: Hashable, plan, device=None) -> torch.Tensor | None:

@@ -1,12 +1,11 @@
 """The frontier benchmark: matched FLOPs across rows, exact forecasters where they should be."""
-import math
 
 import pytest
 import torch
 
 from benchmarks.frontier import METHODS, full_steps, markdown, run_frontier, uniform_steps
 from benchmarks.judge import PSNR_CAP
-from benchmarks.model_forecasters import ChebyshevRidge, low_pass
+from benchmarks.model_forecasters import ChebyshevRidge
 from benchmarks.train_reference import load_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,16 +27,6 @@ def test_chebyshev_ridge_never_fits_more_degrees_than_points():
     fit = ChebyshevRidge(degree=3, ridge=0.0)
     fit.observe(0.9, torch.full((2,), 4.0))
     assert torch.allclose(fit.predict(-0.7), torch.full((2,), 4.0))     # one point: a constant
-
-
-def test_low_pass_splits_a_residual_into_smooth_and_checkerboard_parts():
-    side = 4
-    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    smooth = torch.cos(2 * math.pi * xx / side).float()               # 1 cycle across: low
-    checker = ((-1.0) ** (xx + yy)).float()                           # Nyquist: high
-    residual = (smooth + checker).reshape(1, side * side, 1)
-    assert torch.allclose(low_pass(residual, side, 0.5), smooth.reshape(1, -1, 1), atol=1e-5)
-    assert torch.allclose(low_pass(residual, side, 1.0), residual, atol=1e-5)
 
 
 def test_uniform_steps_hit_the_budget():

@@ -140,3 +140,21 @@ def test_under_dpmpp_sde_no_forecast_is_worse_than_plain_reuse_on_a_model_where_
         assert raw > reuse * 1.05, forecaster.describe()         # the overshoot this guards against
         assert guarded <= reuse + 1e-6, forecaster.describe()
         assert any("forecast off under dpmpp_sde" in n for n in run.stats.notes)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_frequency_split_on_the_node_splits_image_tokens_and_forecasts_the_rest_whole(pack, family):
+    from procache_comfyui.nodes.runtime import LAST_RUNS
+    node = pack.nodes.forecaster_node.ProCacheForecaster
+    assert "frequency cutoff must be a number from 0 to 1" in node.validate_inputs("taylor 1", "", 2, 0.5, True,
+                                                                                    True, 1.5)
+    mp = comfy_env.make_patcher(family)
+    result = node.execute("taylor 1", "", 2, 0.5, True, True, 0.5)
+    assert "0.5 x Nyquist" in result.ui["text"][0]
+    split = comfy_env.sample(_apply(pack, mp, PATTERN, result.result[0]), family, steps=len(PATTERN), hw=HW[family])
+    notes = LAST_RUNS.latest()["notes"]
+    taylor = comfy_env.sample(_apply(pack, mp, PATTERN, _forecaster(pack, "taylor 1")), family, steps=len(PATTERN),
+                              hw=HW[family])
+    assert torch.isfinite(split).all() and not torch.equal(split, taylor)
+    # Flux: text branches and the joint single blocks have no image grid; Wan's blocks see video tokens only
+    assert any("no image token grid" in n for n in notes) == (family == "flux")

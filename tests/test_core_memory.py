@@ -99,7 +99,7 @@ def test_choose_takes_the_finest_rung_that_fits_and_history_multiplies_values():
 
 
 @pytest.mark.parametrize("precision", ["model dtype", "8-bit when needed", "fp8"])
-@pytest.mark.parametrize("forecaster", [None, Taylor(1), Taylor(2), Online(2)])
+@pytest.mark.parametrize("forecaster", [None, Taylor(1), Taylor(2), Online(2), Taylor(1).with_frequency_split(0.5)])
 @pytest.mark.parametrize("budget", ["unlimited", "12 residuals", "6 residuals", "3 residuals", "1 residuals", "minimal"])
 def test_plan_equals_the_measured_peak_of_the_cache_store(model, budget, forecaster, precision):
     if precision != "model dtype" and budget not in ("unlimited", "6 residuals", "1 residuals"):

@@ -100,6 +100,7 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig = DiTConfig()):
         super().__init__()
         self.cfg = cfg
+        self.patch_size = cfg.patch         # named as ComfyUI's DiTs name it (frequency.patch_sizes reads it)
         self.x_embedder = nn.Conv2d(cfg.channels, cfg.hidden, cfg.patch, stride=cfg.patch)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.tokens, cfg.hidden))
         self.t_embedder = nn.Sequential(nn.Linear(256, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
