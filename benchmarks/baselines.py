@@ -13,7 +13,12 @@ here decide at run time, from what the model computes, whether to skip the block
                  threshold; the first `warmup` share of steps (15 %, as ComfyUI's EasyCache node
                  starts) always computes (EasyCache)
 
-These are our own readings of the published rules, at block-stack level: the reused thing is the
+    lazycache    ComfyUI's LazyCache node (comfy_extras/nodes_easycache.py): EasyCache's rule one
+                 level up, on the sampler's denoiser (`LazyCacheStyle`): the input is the sampler's
+                 latent, the output the CFG-combined denoised image, and a skipped call returns the
+                 latent plus the last computed (denoised - latent), so the whole model is skipped
+
+These are our own readings of the published rules; all but LazyCache's at block-stack level: the reused thing is the
 residual h_out - h_in of the block stack, the embedders and the final layer always run. Decisions
 are made per model call for the whole batch, as ComfyUI's implementations do. Work is counted in
 the engine's units (block branch FLOPs), so the FLOPs speedups compare with the engine's rows.
@@ -21,6 +26,7 @@ the engine's units (block branch FLOPs), so the FLOPs speedups compare with the 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -163,3 +169,105 @@ class DynamicCache(BlockStackWrapper):
         self._last_in, self._last_out = h, out
         self._residual = out - h
         return out
+
+
+class LazyCacheStyle:
+    """ComfyUI's LazyCache rule around a k-diffusion denoiser `denoise(x, sigma, **kw)`; call like it.
+
+    Inside the window sigma_end < sigma <= sigma_start, each call adds to a running total the
+    predicted relative output change rate * mean|x - x_c| / mean|out_c|, where x_c and out_c are
+    the input and output of the last computed call and `rate` = mean|Δ output| / mean|Δ input|
+    between the last two computed calls. While the total stays below `threshold` the call is
+    skipped: it returns x + (out_c - x_c). Otherwise it computes and the total restarts at 0.
+    Calls above the window compute and update the state; calls at or below sigma_end compute and
+    leave it alone (as the node does). The node compares every 8th pixel of a latent; here
+    `subsample` defaults to 1 (the reference DiT's images are 16 pixels wide).
+    One instance per sampling run. Work: `cost_per_call` block FLOPs per computed call.
+    """
+
+    def __init__(self, denoise, threshold: float, sigma_start: float, sigma_end: float, cost_per_call: float,
+                 subsample: int = 1):
+        self.denoise, self.threshold = denoise, threshold
+        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.cost, self.subsample = cost_per_call, subsample
+        self.stats = RuleStats()
+        self._accumulated = 0.0
+        self._rate = None
+        self._x = self._out = self._diff = None     # the last computed call's input, output, out - in
+        self._out_norm = None
+
+    def _thin(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., ::self.subsample, ::self.subsample]
+
+    def _compute(self, x, sigma, kwargs):
+        self.stats.flops_done += self.cost
+        self.stats.computed_calls += 1
+        return self.denoise(x, sigma, **kwargs)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        s = float(sigma.flatten()[0])
+        self.stats.calls += 1
+        self.stats.flops_full += self.cost
+        if s <= self.sigma_end:
+            return self._compute(x, sigma, kwargs)
+        input_change = None
+        if s <= self.sigma_start and self._x is not None and self._x.shape == x.shape:
+            input_change = float((self._thin(x) - self._x).abs().mean())
+            if self._rate is not None:
+                self._accumulated += self._rate * input_change / self._out_norm
+                if self._accumulated < self.threshold:
+                    return x + self._diff
+                self._accumulated = 0.0
+        out = self._compute(x, sigma, kwargs)
+        if input_change is not None and self._out is not None:
+            self._rate = float((self._thin(out) - self._out).abs().mean()) / max(input_change, 1e-12)
+        self._x, self._out = self._thin(x).clone(), self._thin(out).clone()
+        self._out_norm = max(float(out.abs().mean()), 1e-12)
+        self._diff = out - x
+        return out
+
+    @property
+    def cache_bytes(self) -> int:
+        """What the rule holds between calls: the difference and the thinned input and output."""
+        return sum(t.numel() * t.element_size() for t in (self._diff, self._x, self._out) if t is not None)
+
+
+def calibrate_threshold(run, target: float, low: float = 1e-4, high: float = 20.0, iters: int = 8,
+                        exact: bool = False):
+    """The threshold of a dynamic rule whose FLOPs speedup is closest to `target`.
+
+    run(threshold) -> (flops speedup, anything); returns (threshold, speedup, anything) of the
+    closest run. Bisection in log threshold, as the speedup mostly grows with the threshold.
+    `exact`: stop at the first run within 0.1 % of the target (a ratio of call counts is hit
+    exactly, and each run costs a sampling run); if bisection misses it, scan `iters` thresholds
+    spread over the range: a skipped call changes the rule's later decisions, so the number of computed
+    calls is not monotone in the threshold (LazyCache at 20 steps computes 8, 6, then 7 calls
+    as its threshold grows).
+    """
+    lo, hi = math.log(low), math.log(high)
+    best = None
+
+    def attempt(log_threshold):
+        nonlocal best
+        speedup, result = run(math.exp(log_threshold))
+        if best is None or abs(speedup - target) < abs(best[1] - target):
+            best = (math.exp(log_threshold), speedup, result)
+        return speedup
+
+    def hit():
+        return exact and abs(best[1] - target) <= 1e-3 * target
+
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if attempt(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hit():
+            return best
+    if exact:
+        for i in range(iters):
+            attempt(math.log(low) + (i + 0.5) * (math.log(high) - math.log(low)) / iters)
+            if hit():
+                break
+    return best

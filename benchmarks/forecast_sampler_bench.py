@@ -61,10 +61,12 @@ class _NotFlow:
 
 
 def sample(model, labels: torch.Tensor, sampler: str, steps: int, seed: int, schedule: Schedule | None = None,
-           forecaster=None, functions=None) -> tuple[torch.Tensor, Run | None]:
+           forecaster=None, functions=None, wrap_denoiser=None) -> tuple[torch.Tensor, Run | None]:
     """Sample the reference DiT with `functions.sample_<sampler>` (default: ComfyUI's
     comfy.k_diffusion.sampling; benchmarks.ode_samplers needs no ComfyUI); cached per `schedule`
-    when given. `model` is the DiT or anything called like it, (x, t, y), with its `cfg`."""
+    when given. `model` is the DiT or anything called like it, (x, t, y), with its `cfg`.
+    `wrap_denoiser(denoise)` returns what the sampler calls instead of the CFG-combined denoiser,
+    as a ComfyUI PREDICT_NOISE wrapper stands between the sampler and the model (LazyCache)."""
     import importlib
     kd = functions or importlib.import_module("comfy.k_diffusion.sampling")
     acp = alphas_cumprod()
@@ -91,6 +93,10 @@ def sample(model, labels: torch.Tensor, sampler: str, steps: int, seed: int, sch
         return x - s * (uncond + CFG * (cond - uncond))
     patcher = types.SimpleNamespace(get_model_object=lambda _: _NotFlow())
     denoise.inner_model = types.SimpleNamespace(model_patcher=patcher)
+    if wrap_denoiser is not None:
+        inner = denoise.inner_model
+        denoise = wrap_denoiser(denoise)
+        denoise.inner_model = inner
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, model.cfg.channels, model.cfg.image_size, model.cfg.image_size, generator=gen)
     callback = (lambda d: run.clock.step_finished(d["i"])) if run else None

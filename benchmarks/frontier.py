@@ -1,8 +1,8 @@
 """The speed-quality frontier on the trained reference DiT: every method at matched FLOPs, side by side.
 
-    python -m benchmarks.frontier                 # 50 and 20 steps, euler and dpmpp_2m, 2x..6x
+    python -m benchmarks.frontier                 # 50 and 20 steps, euler, dpmpp_2m and dpmpp_sde, 2x..6x
     python -m benchmarks.frontier --quick         # a few samples, 20 steps, euler: seconds
-    python -m benchmarks.frontier --comfyui ~/comfy/ComfyUI    # ComfyUI's samplers, dpmpp_sde added
+    python -m benchmarks.frontier --comfyui ~/comfy/ComfyUI    # ComfyUI's own sampler functions
     python -m benchmarks.frontier --steps 20 --samplers euler --methods "ProCache Taylor 1"   # some rows only
 
 Writes frontier.{md,json,png} to benchmarks/out/ (`--out benchmarks/results` updates the tracked copy).
@@ -16,12 +16,23 @@ B = round(steps / S), so their FLOPs match (the table gives each row's measured 
                           the online Chebyshev forecaster, with the pack's sampler-aware safeguards;
                           Taylor 1 and online also with the frequency split (low frequencies
                           forecast, high ones reused: procache_core/frequency.py)
+    ProCache fast schedule    at 5x and 6x, the bundled schedules/procache-fast-<steps>-<x>x.json
+                          (searched for Taylor 1 by benchmarks.search_fast) with Taylor 1
     Spectrum-style        the pack's re-implementation of Spectrum, model level, B uniform steps
     FreqCa-style          the pack's re-implementation of FreqCa, model level, B uniform steps
+    LazyCache-style       the pack's re-implementation of ComfyUI's LazyCache rule around the
+                          denoiser (benchmarks.baselines.LazyCacheStyle), its threshold bisected on
+                          this very run until it computes B steps' worth of model calls (FLOPs
+                          only are matched, nothing is tuned for quality); the node's default
+                          window (15 % to 95 %) where B is reachable with it, else the whole run.
+                          It reuses (denoised - x) = -sigma * eps of the last computed call at a
+                          smaller sigma, so on this epsilon model a reused call overshoots by
+                          sigma_then / sigma_now (flow models, sigma <= 1, suffer less)
 
 The sampling plumbing (the reference DiT as a k-diffusion epsilon denoiser, CFG 1.5, the engine's
 Run told the sampler's name) is benchmarks.forecast_sampler_bench's; without ComfyUI the samplers
-are benchmarks.ode_samplers' Euler and DPM-Solver++(2M). The judge (benchmarks/judge.py) gives PSNR
+are benchmarks.ode_samplers' Euler, DPM-Solver++(2M) and DPM-Solver++ SDE (two model calls a step,
+noise from a Brownian path fixed by the seed, the same in every row). The judge (benchmarks/judge.py) gives PSNR
 against full compute with the same sampler and noise and FD against the real digits. Cache memory
 is what a row holds between steps per image (both CFG streams), the engine's peak for its rows.
 """
@@ -42,14 +53,17 @@ from procache_core.reference.sampling import alphas_cumprod
 from procache_core.search import generic_pattern
 
 from . import ode_samplers
+from .baselines import LazyCacheStyle, calibrate_threshold
 from .forecast_sampler_bench import _interp, reference_sigmas, sample
 from .judge import load_judge
 from .model_forecasters import FreqCaStyle, SpectrumStyle
-from .output import SCRATCH, add_out_option, write_reports
+from .output import ROOT, SCRATCH, add_out_option, write_reports
+from .reference_bench import load_schedule
 from .train_reference import load_reference
 
 TARGETS = (2, 3, 4, 5, 6)
 STEP_COUNTS = (50, 20)
+SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_sde")
 # The frequency split's cutoff: on the reference DiT's 4x4 token grid only 0 (the mean) and 0.5 (all
 # but Nyquist) differ; 0.5 scored higher (docs/forecast.md).
 FREQUENCY_CUTOFF = 0.5
@@ -57,8 +71,11 @@ ENGINE_ROWS = (("ProCache reuse", None), ("ProCache Taylor 1", lambda: Taylor(1)
                ("ProCache online (Chebyshev)", lambda: Online()),
                ("ProCache Taylor 1 + frequency split", lambda: Taylor(1).with_frequency_split(FREQUENCY_CUTOFF)),
                ("ProCache online + frequency split", lambda: Online().with_frequency_split(FREQUENCY_CUTOFF)))
-METHODS = ("full compute", "fewer steps") + tuple(name for name, _ in ENGINE_ROWS) + (
-    "Spectrum-style (pack re-impl.)", "FreqCa-style (pack re-impl.)")
+FAST_ROW = "ProCache fast schedule + Taylor 1"
+LAZYCACHE_ROW = "LazyCache-style (pack re-impl.)"
+METHODS = ("full compute", "fewer steps") + tuple(name for name, _ in ENGINE_ROWS) + (FAST_ROW,
+    "Spectrum-style (pack re-impl.)", "FreqCa-style (pack re-impl.)", LAZYCACHE_ROW)
+LAZYCACHE_WINDOW = (0.15, 0.95)      # the LazyCache node's default start_percent and end_percent
 SEED = 0
 
 
@@ -85,11 +102,43 @@ def uniform_steps(steps: int, computed: int) -> list[int]:
     return sorted({round(i * steps / computed) for i in range(computed)})
 
 
+def fast_schedule(steps: int, target: float) -> Schedule | None:
+    """The bundled fast schedule for this step count and speedup, if the pack ships one."""
+    name = f"procache-fast-{steps}-{target:g}x.json"
+    return load_schedule(name) if os.path.exists(os.path.join(ROOT, "schedules", name)) else None
+
+
+def percent_sigma(percent: float) -> float:
+    """The reference DiT's sigma at a share of its training timesteps, as ComfyUI's percent_to_sigma
+    reads start_percent / end_percent for a discrete model (0: above every sigma, 1: zero)."""
+    if percent <= 0:
+        return math.inf
+    if percent >= 1:
+        return 0.0
+    acp = alphas_cumprod()
+    log_sigmas = ((1 - acp) / acp).sqrt().log()
+    t = (1 - percent) * (len(acp) - 1)
+    low = int(t)
+    high = min(low + 1, len(acp) - 1)
+    return math.exp(float(log_sigmas[low] + (t - low) * (log_sigmas[high] - log_sigmas[low])))
+
+
 def step_timesteps(steps: int) -> list[float]:
     """The model timestep of each step's sigma, as forecast_sampler_bench's denoiser computes it."""
     acp = alphas_cumprod()
     log_sigmas = ((1 - acp) / acp).sqrt().log().float()
     return [_interp(torch.tensor(float(s)).log(), log_sigmas) for s in reference_sigmas(steps)[:-1]]
+
+
+class CallCount:
+    """A denoiser that counts the sampler's calls (dpmpp_sde makes two a step, one on the last)."""
+
+    def __init__(self, denoise):
+        self.denoise, self.calls = denoise, 0
+
+    def __call__(self, x, sigma, **kwargs):
+        self.calls += 1
+        return self.denoise(x, sigma, **kwargs)
 
 
 class Frontier:
@@ -99,13 +148,38 @@ class Frontier:
         self.labels = torch.arange(samples) % 10
         self.functions = functions
 
-    def _sample(self, model, sampler, steps, schedule=None, forecaster=None):
-        return sample(model, self.labels, sampler, steps, SEED, schedule, forecaster, functions=self.functions)
+    def _sample(self, model, sampler, steps, schedule=None, forecaster=None, wrap_denoiser=None):
+        return sample(model, self.labels, sampler, steps, SEED, schedule, forecaster, functions=self.functions,
+                      wrap_denoiser=wrap_denoiser)
+
+    def _counted(self, sampler, steps):
+        """(images, number of denoiser calls) of a plain run."""
+        made = []
+        images, _ = self._sample(self.model, sampler, steps,
+                                 wrap_denoiser=lambda denoise: made.append(CallCount(denoise)) or made[0])
+        return images, made[0].calls
+
+    def lazycache(self, sampler: str, steps: int, target: float):
+        """(images, rule, setting) of the LazyCache-style rule calibrated to a FLOPs speedup of `target`."""
+        def run(window, threshold):
+            made = []
+
+            def wrap(denoise):
+                made.append(LazyCacheStyle(denoise, threshold, *map(percent_sigma, window), cost_per_call=1.0))
+                return made[0]
+            images, _ = self._sample(self.model, sampler, steps, wrap_denoiser=wrap)
+            return made[0].stats.flops_speedup, (images, made[0])
+
+        window = LAZYCACHE_WINDOW
+        if run(window, math.inf)[0] <= target * (1 + 1e-3):    # only skipping all it may would reach the target
+            window = (0.0, 1.0)
+        threshold, _, (images, rule) = calibrate_threshold(lambda th: run(window, th), target, iters=12, exact=True)
+        return images, rule, f"threshold {threshold:.4g}, window {window[0]:.0%}-{window[1]:.0%}"
 
     def rows(self, steps: int, sampler: str, targets=TARGETS, log=print, methods=METHODS) -> list[Row]:
         """Every method in `methods` (full compute always) at each target speedup."""
         n = len(self.labels)
-        full, _ = self._sample(self.model, sampler, steps)
+        full, full_calls = self._counted(sampler, steps)
         out = []
 
         def add(target, method, setting, images, speedup, cache_bytes):
@@ -120,15 +194,19 @@ class Frontier:
         timesteps = step_timesteps(steps)
         for target in targets:
             computed = full_steps(steps, target)
+            images, calls = self._counted(sampler, computed)
             if "fewer steps" in methods:
-                images, _ = self._sample(self.model, sampler, computed)
-                add(target, "fewer steps", f"{computed} steps", images, steps / computed, 0)
+                add(target, "fewer steps", f"{computed} steps", images, full_calls / calls, 0)
             schedule = Schedule(kinds=tuple(generic_pattern(steps, steps / computed)), name=f"generic-{computed}")
             for method, make in ENGINE_ROWS:
                 if method not in methods:
                     continue
                 images, run = self._sample(self.model, sampler, steps, schedule, make() if make else None)
                 add(target, method, schedule.pattern, images, run.stats.flops_speedup, run.stats.cache_bytes_peak)
+            fast = fast_schedule(steps, target) if FAST_ROW in methods else None
+            if fast is not None:
+                images, run = self._sample(self.model, sampler, steps, fast, Taylor(1))
+                add(target, FAST_ROW, fast.pattern, images, run.stats.flops_speedup, run.stats.cache_bytes_peak)
             pattern = "".join("1" if i in uniform_steps(steps, computed) else "0" for i in range(steps))
             for method, cls in (("Spectrum-style (pack re-impl.)", SpectrumStyle),
                                 ("FreqCa-style (pack re-impl.)", FreqCaStyle)):
@@ -137,6 +215,9 @@ class Frontier:
                 wrapped = cls(self.model, uniform_steps(steps, computed), timesteps)
                 images, _ = self._sample(wrapped, sampler, steps)
                 add(target, method, pattern, images, wrapped.stats.flops_speedup, wrapped.cache_bytes)
+            if LAZYCACHE_ROW in methods:
+                images, rule, setting = self.lazycache(sampler, steps, full_calls / calls)
+                add(target, LAZYCACHE_ROW, setting, images, rule.stats.flops_speedup, rule.cache_bytes)
         return out
 
 
@@ -150,9 +231,10 @@ def markdown(rows: list[Row], command: str, samples: int, seconds: float, sample
              "Each cell: PSNR against full compute (dB, higher is better) / FD as a multiple of full "
              "compute's (lower is better). Every row of a column computes the block stack on the same "
              "number of steps; the FLOPs line gives the measured speedups of that column's rows (min–max). "
-             "Cache: bytes held between steps per image, both CFG streams. Spectrum-style and "
-             "FreqCa-style are this pack's re-implementations of the published algorithms, not the "
-             "authors' code.", ""]
+             "Cache: bytes held between steps per image, both CFG streams. Spectrum-style, "
+             "FreqCa-style and LazyCache-style are this pack's re-implementations of the published "
+             "algorithms (LazyCache: of ComfyUI's node), not the authors' code. The fast-schedule row "
+             "exists only where the pack ships a schedule (5x, 6x).", ""]
     for steps in sorted({r.steps for r in rows}, reverse=True):
         for sampler in dict.fromkeys(r.sampler for r in rows if r.steps == steps):
             mine = [r for r in rows if r.steps == steps and r.sampler == sampler]
@@ -171,7 +253,8 @@ def markdown(rows: list[Row], command: str, samples: int, seconds: float, sample
                 if not cells:       # a run of some rows only (--methods)
                     continue
                 memory = max(r.cache_bytes_per_image for r in cells.values()) / 1024
-                lines.append(f"| {method} | {memory:.1f} | " + " | ".join(_cell(cells[t], full) for t in targets) + " |")
+                lines.append(f"| {method} | {memory:.1f} | "
+                             + " | ".join(_cell(cells[t], full) if t in cells else "–" for t in targets) + " |")
             lines.append("")
     return "\n".join(lines)
 
@@ -203,7 +286,7 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
-def run_frontier(samples: int, step_counts=STEP_COUNTS, samplers=("euler", "dpmpp_2m"), targets=TARGETS,
+def run_frontier(samples: int, step_counts=STEP_COUNTS, samplers=SAMPLERS, targets=TARGETS,
                  functions=ode_samplers, out: str | None = SCRATCH, command: str = "python -m benchmarks.frontier",
                  model=None, log=print, methods=METHODS) -> list[Row]:
     started = time.perf_counter()
@@ -227,28 +310,27 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="8 samples, 20 steps, euler, 2x and 4x")
     parser.add_argument("--samples", type=int, default=None, help="images per row (default 150)")
     parser.add_argument("--steps", type=int, nargs="+", default=None)
-    parser.add_argument("--samplers", nargs="+", default=None, help="a subset of the samplers (default: all)")
+    parser.add_argument("--targets", type=float, nargs="+", default=None, help="target speedups (default 2 3 4 5 6)")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS[1:], metavar="METHOD",
                         help=f"only these rows besides full compute, e.g. 'ProCache Taylor 1' (all: {', '.join(METHODS[1:])})")
     parser.add_argument("--comfyui", default=None,
-                        help="a ComfyUI checkout: sample with its k-diffusion functions and add dpmpp_sde")
+                        help="a ComfyUI checkout: sample with its k-diffusion functions instead of benchmarks.ode_samplers")
     add_out_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    functions, samplers = ode_samplers, ("euler", "dpmpp_2m")
+    functions, samplers = ode_samplers, tuple(args.samplers)
     if args.comfyui:
         os.environ["COMFYUI_PATH"] = args.comfyui
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
         import comfy_env
         comfy_env.load_comfy()
         import comfy.k_diffusion.sampling as functions
-        samplers = ("euler", "dpmpp_2m", "dpmpp_sde")
     if args.quick:
         samplers = samplers[:1]
-    samplers = tuple(args.samplers) if args.samplers else samplers
     command = "python -m benchmarks.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     run_frontier(args.samples or (8 if args.quick else 150), args.steps or ([20] if args.quick else list(STEP_COUNTS)),
-                 samplers, (2, 4) if args.quick else TARGETS, functions, args.out, command.strip(),
+                 samplers, args.targets or ((2, 4) if args.quick else TARGETS), functions, args.out, command.strip(),
                  methods=("full compute", *args.methods) if args.methods else METHODS)
 
 

@@ -35,6 +35,7 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
 
 import torch  # noqa: E402
 
+from benchmarks.baselines import calibrate_threshold  # noqa: E402
 from benchmarks.output import add_out_option, report_path  # noqa: E402
 from procache_core import SchedulePolicy  # noqa: E402
 from procache_core.forecast import Taylor  # noqa: E402
@@ -188,15 +189,10 @@ def comfy_rows(family: str, steps: int, precisions=("model dtype",), forecasts=(
     def lazy(threshold):
         patched = easycache.LazyCacheNode.execute(base, threshold, 0.15, 0.95, False).result[0]
         out, calls = run(patched)
-        return out, full["calls"] / max(calls, 1)
-    lo, hi, best = math.log(1e-3), math.log(3.0), None
-    for _ in range(8):          # LazyCache's threshold whose block work matches the ProCache row's
-        mid = (lo + hi) / 2
-        out, compute = lazy(math.exp(mid))
-        if best is None or abs(compute - target) < abs(best[2] - target):
-            best = (math.exp(mid), out, compute)
-        lo, hi = (mid, hi) if compute < target else (lo, mid)
-    add("LazyCache (ComfyUI)", f"threshold {best[0]:.3g}", best[1], best[2])
+        return full["calls"] / max(calls, 1), out
+    # LazyCache's threshold whose block work matches the ProCache row's
+    threshold, compute, out = calibrate_threshold(lazy, target, low=1e-3, high=3.0)
+    add("LazyCache (ComfyUI)", f"threshold {threshold:.3g}", out, compute)
     return rows
 
 

@@ -30,7 +30,7 @@ import torch
 from procache_core import Schedule, SchedulePolicy, StepKind, TokenSelector, uniform
 from procache_core.reference.sampling import sample
 
-from .baselines import DynamicCache
+from .baselines import DynamicCache, calibrate_threshold
 from .judge import load_judge
 from .output import ROOT, SCRATCH, add_out_option, write_reports
 from .train_reference import load_reference
@@ -121,18 +121,9 @@ class Bench:
 
     def calibrate(self, steps, rule, target, iters=8):
         """The threshold whose FLOPs speedup on the calibration seeds is closest to `target`."""
-        lo, hi = math.log(1e-4), math.log(20.0)
-        best = None
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            _, speedup, _, _ = self.dynamic(steps, rule, math.exp(mid), self.cal_labels, CALIBRATION_SEED)
-            if best is None or abs(speedup - target) < abs(best[1] - target):
-                best = (math.exp(mid), speedup)
-            if speedup < target:
-                lo = mid
-            else:
-                hi = mid
-        return best[0]
+        def run(threshold):
+            return self.dynamic(steps, rule, threshold, self.cal_labels, CALIBRATION_SEED)[1], None
+        return calibrate_threshold(run, target, iters=iters)[0]
 
     # ---- the table ---------------------------------------------------------------------------
     def run(self, steps: int, extra_schedules=(), log=print) -> list[Row]:

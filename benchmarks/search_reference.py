@@ -53,7 +53,10 @@ def ddim_weights(steps: int) -> list[float]:
     return step_weights(sigmas)
 
 
-def run_search(model, constraints, labels, count, pool, draw_seed=0, log=print):
+def run_search(model, constraints, labels, count, pool, draw_seed=0, forecaster=None, log=print):
+    """Profile, pre-rank, run `count` candidates, keep the closest to full compute. With a
+    `forecaster` (procache_core.forecast), candidates run with it, as the schedule will be used;
+    the pre-rank still predicts plain reuse's error (the profile records output change only)."""
     profile = FeatureProfile(constraints.steps, constraints.max_interval + 1, weights=ddim_weights(constraints.steps))
     profile.begin_run()
     start = time.perf_counter()
@@ -62,7 +65,7 @@ def run_search(model, constraints, labels, count, pool, draw_seed=0, log=print):
 
     def run(pattern):
         policy = SchedulePolicy(Schedule(kinds=tuple(pattern)))
-        return sample(model, labels, constraints.steps, CFG_SCALE, SEARCH_SEED, policy=policy)
+        return sample(model, labels, constraints.steps, CFG_SCALE, SEARCH_SEED, policy=policy, forecaster=forecaster)
 
     result = search(constraints, run, reference, count=count, seed=draw_seed,
                     profile=profile if pool > count else None, pool=pool, full_seconds=full_seconds)

@@ -21,9 +21,15 @@ def describe(schedule: Schedule) -> str:
     return text
 
 
+FAST_PREFIX = "procache-fast-"
+
+
 def menu_order(name: str) -> tuple[int, str]:
-    """The paper's patterns first, then the user's searched ones, then the generic fallbacks (many)."""
-    return (0 if name.startswith("procache-") else 2 if name.startswith("generic-") else 1, name)
+    """The paper's patterns first, then the pack's fast (5-6x) family, then the user's searched
+    ones, then the generic fallbacks (many)."""
+    if name.startswith(FAST_PREFIX):
+        return (1, name)
+    return (0 if name.startswith("procache-") else 3 if name.startswith("generic-") else 2, name)
 
 
 def build_schedule(source: str, pattern: str, interval: int, steps: int, selective: bool) -> Schedule:
@@ -54,9 +60,11 @@ class ProCacheScheduleLoader(io.ComfyNode):
             description="Chooses which sampler steps run in full, reuse the cache, or recompute important tokens.",
             inputs=[
                 io.Combo.Input("source", options=names + [UNIFORM, TYPED],
-                               default=next((n for n in names if n.startswith("procache-")), names[0] if names else UNIFORM),
+                               default=next((n for n in names if menu_order(n)[0] == 0), names[0] if names else UNIFORM),
                                tooltip="A schedule from the library, a full step every N steps, or the pattern "
-                                       "typed below. procache-*: the paper's released patterns; generic-<steps>-<x>: "
+                                       "typed below. procache-*: the paper's released patterns; procache-fast-<steps>-<x>x: "
+                                       "searched by the pack on its reference model for 5-6x with Taylor 1 (connect "
+                                       "ProCache Forecaster set to taylor 1); generic-<steps>-<x>: "
                                        "made by the constraint rule for that step count and speedup, not searched; "
                                        "user/*: saved by ProCache Schedule Search (the report names the model it was "
                                        "searched on). Another step count is resampled, with a note."),

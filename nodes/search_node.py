@@ -26,6 +26,7 @@ from ..procache_core import Schedule, ScheduleError
 from ..procache_core.profiling import FeatureProfile, step_weights
 from ..procache_core.search import SearchConstraints, count_partitions, search
 from . import library
+from .forecaster_node import FORECASTER
 from .runtime import ApplyConfig, attach, describe_model
 from .schedule_loader import SCHEDULE, describe
 
@@ -43,8 +44,8 @@ class SeedRunner:
     """Samples the search seeds exactly as KSampler would with each seed, full or with a pattern."""
 
     def __init__(self, model, seed, seeds, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                 on_step):
-        self.model, self.steps, self.cfg = model, steps, cfg
+                 on_step, forecaster=None):
+        self.model, self.steps, self.cfg, self.forecaster = model, steps, cfg, forecaster
         self.sampler_name, self.scheduler, self.positive, self.negative = sampler_name, scheduler, positive, negative
         self.latent = latent
         self.seeds = [seed + i for i in range(seeds)]
@@ -92,7 +93,7 @@ class SeedRunner:
 
     def scheduled(self, pattern) -> list[torch.Tensor]:
         schedule = Schedule(kinds=tuple(pattern), name="search candidate")
-        patched = attach(self.model, ApplyConfig(schedule=schedule))
+        patched = attach(self.model, ApplyConfig(schedule=schedule, forecaster=self.forecaster))
         return [self._sample(patched, seed).float().cpu() for seed in self.seeds]
 
 
@@ -208,6 +209,10 @@ class ProCacheScheduleSearch(io.ComfyNode):
                                         "workflow. While the settings above match it, the node returns it without "
                                         "searching again, so a shared workflow reproduces the run. Clear it to "
                                         "search again (e.g. after changing the prompt or the model)."),
+                FORECASTER.Input("forecaster", optional=True,
+                                 tooltip="From ProCache Forecaster: candidates run with it, so the schedule is "
+                                         "searched for the forecaster it will be used with (connect the same one "
+                                         "to ProCache Apply). Without it: candidates run with plain reuse."),
             ],
             outputs=[
                 SCHEDULE.Output(display_name="schedule", tooltip="The searched schedule; connect to ProCache Apply."),
@@ -234,7 +239,7 @@ class ProCacheScheduleSearch(io.ComfyNode):
     @classmethod
     def execute(cls, model, sampler_name, scheduler, steps, cfg, positive, negative, latent_image, seed, seeds,
                 candidates, full_steps, target_speedup, min_interval, max_interval, selective, prerank_pool,
-                save_name, searched="") -> io.NodeOutput:
+                save_name, searched="", forecaster=None) -> io.NodeOutput:
         constraints = constraints_from(steps, full_steps, target_speedup, min_interval, max_interval)
         mode, sentence = describe_model(model)
         if mode == "none":
@@ -243,6 +248,8 @@ class ProCacheScheduleSearch(io.ComfyNode):
                     "steps": steps, "cfg": cfg, "seed": seed, "seeds": seeds, "candidates": candidates,
                     "full_steps": full_steps, "target_speedup": target_speedup, "min_interval": min_interval,
                     "max_interval": max_interval, "selective": selective, "prerank_pool": prerank_pool}
+        if forecaster is not None:      # only then: results stored before this input existed stay valid
+            settings["forecaster"] = forecaster.describe()
         stored = _stored_result(searched, settings)
         if stored is not None:
             report = f"reused the stored search result (settings unchanged): {describe(stored)}"
@@ -260,7 +267,7 @@ class ProCacheScheduleSearch(io.ComfyNode):
             pbar.update(1)
 
         runner = SeedRunner(model, seed, seeds, steps, cfg, sampler_name, scheduler, positive, negative,
-                            latent_image, on_step)
+                            latent_image, on_step, forecaster)
         profile = FeatureProfile(steps, constraints.max_interval + 1, weights=sigma_weights(model, scheduler, steps))
         comfy.model_management.throw_exception_if_processing_interrupted()
         start = time.perf_counter()
@@ -278,7 +285,8 @@ class ProCacheScheduleSearch(io.ComfyNode):
         uniform_text = f", uniform intervals {result.uniform.error:.4g}" if result.uniform else ""
         provenance = (f"searched by ProCache Schedule Search on {model_name} ({sampler_name}/{scheduler}, {steps} steps, "
                       f"CFG {cfg:g}, seeds {runner.seeds[0]}..{runner.seeds[-1]}, {date}): error {final.error:.4g} "
-                      f"vs full compute{uniform_text}; {constraints.full_steps} full steps")
+                      f"vs full compute{uniform_text}; {constraints.full_steps} full steps"
+                      + (f"; candidates ran with {forecaster.describe()}, use it with the same" if forecaster else ""))
         notes = [f"{len(result.candidates)} candidates sampled"
                  + (f", the best by prediction of {len(result.pool)} pre-ranked from the full-compute runs"
                     if result.pool else ", drawn at random (CASS)")]

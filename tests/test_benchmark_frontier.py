@@ -1,9 +1,14 @@
 """The frontier benchmark: matched FLOPs across rows, exact forecasters where they should be."""
 
+import math
 import pytest
 import torch
 
-from benchmarks.frontier import METHODS, full_steps, markdown, run_frontier, uniform_steps
+from benchmarks import ode_samplers
+from benchmarks.baselines import LazyCacheStyle
+from benchmarks.forecast_sampler_bench import reference_sigmas, sample
+from benchmarks.frontier import (FAST_ROW, LAZYCACHE_ROW, LAZYCACHE_WINDOW, METHODS, Frontier, full_steps, markdown,
+                                 percent_sigma, run_frontier, uniform_steps)
 from benchmarks.judge import PSNR_CAP
 from benchmarks.model_forecasters import ChebyshevRidge
 from benchmarks.train_reference import load_reference
@@ -44,7 +49,8 @@ def test_quick_frontier_matches_flops_across_rows(tmp_path):
     assert len(full) == 1 and full[0].psnr == PSNR_CAP
     for target in (3, 5):
         at = [r for r in rows if r.target == target]
-        assert sorted(r.method for r in at) == sorted(METHODS[1:])
+        # the pack ships fast schedules for 5x and 6x only
+        assert sorted(r.method for r in at) == sorted(m for m in METHODS[1:] if target == 5 or m != FAST_ROW)
         speedups = [r.flops_speedup for r in at]
         assert max(speedups) <= 1.05 * min(speedups), (target, speedups)
         assert speedups[0] == pytest.approx(20 / full_steps(20, target), rel=0.05)
@@ -56,3 +62,58 @@ def test_quick_frontier_matches_flops_across_rows(tmp_path):
     report = (tmp_path / "frontier.md").read_text()
     assert "Spectrum-style (pack re-impl.)" in report and (tmp_path / "frontier.png").stat().st_size > 0
     assert "| FLOPs speedup | | 2.86× | 5.00× |" in markdown(rows, "x", 4, 1.0, "y")
+
+
+def _lazycache_run(threshold, window=LAZYCACHE_WINDOW, steps=20):
+    made = []
+
+    def wrap(denoise):
+        made.append(LazyCacheStyle(denoise, threshold, *map(percent_sigma, window), cost_per_call=1.0))
+        return made[0]
+    images, _ = sample(load_reference(), torch.arange(4) % 10, "euler", steps, 0, functions=ode_samplers,
+                       wrap_denoiser=wrap)
+    return images, made[0]
+
+
+def test_lazycache_style_follows_the_node_window():
+    full, _ = sample(load_reference(), torch.arange(4) % 10, "euler", 20, 0, functions=ode_samplers)
+    images, never = _lazycache_run(0.0)
+    assert torch.allclose(images, full) and never.stats.flops_speedup == 1.0
+    # With no limit it skips every call it may: it computes the calls above the window, the first
+    # call inside it (no transformation rate yet) and the calls at or below its end.
+    _, always = _lazycache_run(math.inf)
+    sigmas = reference_sigmas(20)[:-1].tolist()
+    start, end = map(percent_sigma, LAZYCACHE_WINDOW)
+    forced = sum(s > start for s in sigmas) + 1 + sum(s <= end for s in sigmas)
+    assert always.stats.computed_calls == forced < 20 and always.stats.calls == 20
+    assert 0 < always.cache_bytes <= 3 * full.numel() * 4
+
+
+@pytest.mark.parametrize("target_steps", [8, 4])
+def test_lazycache_style_calibration_reaches_the_flops_target(target_steps):
+    bench = Frontier(4, model=load_reference())
+    images, rule, setting = bench.lazycache("euler", 20, 20 / target_steps)
+    assert rule.stats.computed_calls == target_steps, setting
+    assert rule.stats.flops_speedup == pytest.approx(20 / target_steps)
+    # 5x at 20 steps is out of the node's default window's reach: the whole run is used
+    assert ("window 0%-100%" in setting) == (target_steps == 4)
+
+
+def test_dpmpp_sde_noise_is_one_brownian_path_fixed_by_the_seed():
+    x = torch.zeros(2, 1, 4, 4)
+    path = ode_samplers.BrownianNoise(x, 10.0, seed=3)
+    a, b, c = 0.5, 2.0, 7.0
+    whole = path(a, c) * math.sqrt(c - a)
+    parts = path(a, b) * math.sqrt(b - a) + path(b, c) * math.sqrt(c - b)
+    assert torch.allclose(whole, parts, atol=1e-5)
+    assert torch.equal(ode_samplers.BrownianNoise(x, 10.0, seed=3)(a, c), path(a, c))
+    assert not torch.allclose(ode_samplers.BrownianNoise(x, 10.0, seed=4)(a, c), path(a, c))
+
+
+def test_dpmpp_sde_is_seeded_and_calls_twice_a_step():
+    bench = Frontier(4, model=load_reference())
+    first, calls = bench._counted("dpmpp_sde", 6)
+    again, _ = bench._counted("dpmpp_sde", 6)
+    euler, _ = bench._counted("euler", 6)
+    assert calls == 2 * 6 - 1                  # the last step lands on the denoised image: one call
+    assert torch.equal(first, again) and not torch.allclose(first, euler, atol=1e-2)

@@ -109,3 +109,16 @@ def test_quick_bench_writes_the_table(tmp_path, model):
                if re.match(rf"\s*10 steps  {re.escape(m)} ", line)}
     written = {m: float(re.search(rf"^\| {re.escape(m)} \|[^|]*\| ([\d.]+)×", table, re.M)[1]) for m in methods}
     assert printed == written == {r.method: round(r.flops_speedup, 2) for r in rows}
+
+
+def test_the_search_scores_candidates_with_the_forecaster_they_will_run_with(model):
+    from benchmarks.search_reference import run_search
+    from procache_core.forecast import Taylor
+    from procache_core.search import SearchConstraints
+    constraints = SearchConstraints(12, 3, 0, 6)
+    labels = torch.arange(4) % 10
+    plain = run_search(model, constraints, labels, count=3, pool=0, log=lambda _: None)
+    taylor = run_search(model, constraints, labels, count=3, pool=0, forecaster=Taylor(1), log=lambda _: None)
+    # the same candidates are drawn; Taylor 1 changes what each of them scores
+    assert [c.pattern for c in plain.candidates] == [c.pattern for c in taylor.candidates]
+    assert all(p.error != t.error for p, t in zip(plain.candidates, taylor.candidates))

@@ -318,13 +318,25 @@ def test_bad_input_is_a_clear_message_before_anything_runs(pack, source, pattern
         loader.execute(source, pattern, 3, steps, False)
 
 
-def test_loader_lists_the_paper_schedules_before_the_generic_ones(pack):
+def test_loader_lists_the_paper_schedules_then_the_fast_ones_before_the_generic_ones(pack):
     loader = pack.nodes.schedule_loader.ProCacheScheduleLoader
     source = next(i for i in loader.define_schema().inputs if i.id == "source")
     names = [n for n in source.options if n not in ("uniform interval", "typed pattern")]
-    kinds = [0 if n.startswith("procache-") else 2 if n.startswith("generic-") else 1 for n in names]
-    assert kinds == sorted(kinds) and kinds[0] == 0 and 2 in kinds
-    assert source.default == names[0]
+    kinds = [1 if n.startswith("procache-fast-") else 0 if n.startswith("procache-") else 3 if n.startswith("generic-")
+             else 2 for n in names]
+    assert kinds == sorted(kinds) and kinds[0] == 0 and 1 in kinds and 3 in kinds
+    assert source.default == names[0] == "procache-dit-50-17full"
+
+
+def test_loader_reads_every_fast_schedule_as_searched(pack):
+    loader = pack.nodes.schedule_loader.ProCacheScheduleLoader
+    source = next(i for i in loader.define_schema().inputs if i.id == "source")
+    fast = [n for n in source.options if n.startswith("procache-fast-")]
+    assert len(fast) == 8
+    for name in fast:
+        assert loader.validate_inputs(name, "", 3, 0, False) is True
+        schedule, report = loader.execute(name, "", 3, 0, False).result
+        assert schedule.name == name and f"library: {name} was searched on a model" in report
 
 
 def test_apply_refuses_bad_settings_and_patches_nothing(pack):

@@ -152,3 +152,14 @@ def test_cancel_stops_the_search_and_leaves_the_model_clean(pack, inputs, monkey
         mm.interrupt_current_processing(False)
     assert steps_seen[-1] in (STEPS * 2 + 3, STEPS * 2 + 4)      # stopped within a step
     assert not any(k.startswith("procache") for by_key in inputs["model"].wrappers.values() for k in by_key)
+
+
+def test_a_connected_forecaster_is_what_the_candidates_run_with(pack, inputs):
+    from procache_comfyui.procache_core.forecast import Taylor
+    plain = _search(pack, inputs, selective=False)
+    taylor = _search(pack, inputs, selective=False, forecaster=Taylor(1))
+    plain_doc, taylor_doc = (json.loads(out.ui["searched"][0]) for out in (plain, taylor))
+    assert "forecaster" not in plain_doc["search"]["settings"]          # stored results from before stay valid
+    assert taylor_doc["search"]["settings"]["forecaster"] == "Taylor order 1"
+    assert "candidates ran with Taylor order 1" in taylor_doc["provenance"]
+    assert taylor_doc["search"]["error"] != plain_doc["search"]["error"]

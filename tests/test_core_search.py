@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from procache_core import SchedulePolicy, Schedule, ScheduleError
+from procache_core import SchedulePolicy, Schedule, ScheduleError, StepKind
 from procache_core.profiling import FeatureProfile, step_weights
 from procache_core.reference.dit import DiT, DiTConfig
 from procache_core.reference.sampling import sample
@@ -195,3 +195,25 @@ def test_bundled_generic_schedules_are_the_rule_and_say_so():
         assert abs(schedule.theoretical_speedup() / float(speedup) - 1) < 0.1
         found[(int(steps), float(speedup))] = schedule
     assert set(found) == {(t, s) for t in (20, 25, 28, 30, 50) for s in (1.5, 2.0, 2.5, 3.0)}
+
+
+def test_bundled_fast_schedules_load_and_keep_their_speedup():
+    import glob
+    import os
+    import re
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schedules")
+    found = set()
+    for path in glob.glob(os.path.join(folder, "procache-fast-*.json")):
+        steps, speedup = map(int, re.match(r"procache-fast-(\d+)-(\d)x\.json", os.path.basename(path)).groups())
+        with open(path, encoding="utf-8") as f:
+            schedule = Schedule.from_json(f.read(), where=path)
+        assert schedule.steps == steps and schedule.name == os.path.basename(path)[:-5]
+        assert set(schedule.kinds) == {StepKind.FULL, StepKind.REUSE}
+        # the frontier's budget for this speedup, so a fast schedule and fewer steps cost the same
+        assert schedule.count(StepKind.FULL) == round(steps / speedup)
+        # whole steps: 20 steps at 6x is 3 full steps, 6.67x
+        assert abs(schedule.theoretical_speedup() / speedup - 1) < 0.12
+        assert "Taylor 1" in schedule.provenance and "held-out" in schedule.provenance
+        assert schedule.provenance.startswith(("searched on the trained reference DiT", "generic pattern"))
+        found.add((steps, speedup))
+    assert found == {(t, s) for t in (20, 28, 30, 50) for s in (5, 6)}
