@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from procache_core.reference.dit import DiT, modulate, timestep_embedding
+from procache_core.reference.sampling import alphas_cumprod
 
 RULES = ("teacache", "first_block", "easycache")
 
@@ -230,6 +231,57 @@ class LazyCacheStyle:
     def cache_bytes(self) -> int:
         """What the rule holds between calls: the difference and the thinned input and output."""
         return sum(t.numel() * t.element_size() for t in (self._diff, self._x, self._out) if t is not None)
+
+
+class LazyCacheDDIM:
+    """`LazyCacheStyle` on the reference DiT's DDIM sampler: call like the DiT (x, t, y).
+
+    DDIM's latent x_t = sqrt(a) x0 + sqrt(1 - a) eps is sqrt(a) times the k-diffusion latent
+    x0 + sigma eps with sigma = sqrt((1 - a) / a), so the rule sees x / sqrt(a) and the denoised
+    image x / sqrt(a) - sigma eps, what ComfyUI hands LazyCache for a discrete epsilon model; a
+    skipped call's eps follows from the reused denoised image. DDIM batches the CFG streams in one
+    call, so the rule decides for both streams together (the node sees their combination).
+    window: the node's start_percent and end_percent.
+    """
+
+    def __init__(self, model: DiT, threshold: float, window=(0.15, 0.95)):
+        self.model, self.cfg = model, model.cfg
+        self.acp = alphas_cumprod().double()
+        flops = model.block_flops()
+        self._call = None
+        self.rule = LazyCacheStyle(self._denoise, threshold, *(sigma_at_percent(p, self.acp) for p in window),
+                                   cost_per_call=(flops["attn"] + flops["mlp"]) * len(model.blocks))
+        self.stats = self.rule.stats
+
+    def _denoise(self, x, sigma):
+        t, y, scale = self._call
+        return x - float(sigma) * self.model(x * scale, t, y)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = float(self.acp[int(t.flatten()[0])])
+        scale, sigma = math.sqrt(a), math.sqrt((1 - a) / a)
+        self._call = (t, y, scale)
+        latent = x / scale
+        denoised = self.rule(latent, torch.tensor([sigma]))
+        return (latent - denoised) / sigma
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.rule.cache_bytes
+
+
+def sigma_at_percent(percent: float, acp: torch.Tensor) -> float:
+    """The sigma at a share of the training timesteps, as ComfyUI's percent_to_sigma reads a node's
+    start_percent / end_percent for a discrete model (0: above every sigma, 1: zero)."""
+    if percent <= 0:
+        return math.inf
+    if percent >= 1:
+        return 0.0
+    log_sigmas = ((1 - acp) / acp).sqrt().log()
+    t = (1 - percent) * (len(acp) - 1)
+    low = int(t)
+    high = min(low + 1, len(acp) - 1)
+    return math.exp(float(log_sigmas[low] + (t - low) * (log_sigmas[high] - log_sigmas[low])))
 
 
 def calibrate_threshold(run, target: float, low: float = 1e-4, high: float = 20.0, iters: int = 8,

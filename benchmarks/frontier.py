@@ -53,7 +53,7 @@ from procache_core.reference.sampling import alphas_cumprod
 from procache_core.search import generic_pattern
 
 from . import ode_samplers
-from .baselines import LazyCacheStyle, calibrate_threshold
+from .baselines import LazyCacheStyle, sigma_at_percent, calibrate_threshold
 from .forecast_sampler_bench import _interp, reference_sigmas, sample
 from .judge import load_judge
 from .model_forecasters import FreqCaStyle, SpectrumStyle
@@ -109,18 +109,8 @@ def fast_schedule(steps: int, target: float) -> Schedule | None:
 
 
 def percent_sigma(percent: float) -> float:
-    """The reference DiT's sigma at a share of its training timesteps, as ComfyUI's percent_to_sigma
-    reads start_percent / end_percent for a discrete model (0: above every sigma, 1: zero)."""
-    if percent <= 0:
-        return math.inf
-    if percent >= 1:
-        return 0.0
-    acp = alphas_cumprod()
-    log_sigmas = ((1 - acp) / acp).sqrt().log()
-    t = (1 - percent) * (len(acp) - 1)
-    low = int(t)
-    high = min(low + 1, len(acp) - 1)
-    return math.exp(float(log_sigmas[low] + (t - low) * (log_sigmas[high] - log_sigmas[low])))
+    """The reference DiT's sigma at a share of its training timesteps (baselines.sigma_at_percent with its schedule)."""
+    return sigma_at_percent(percent, alphas_cumprod())
 
 
 def step_timesteps(steps: int) -> list[float]:

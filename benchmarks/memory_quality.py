@@ -35,7 +35,7 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
 
 import torch  # noqa: E402
 
-from benchmarks.baselines import calibrate_threshold  # noqa: E402
+from benchmarks.baselines import LazyCacheDDIM, calibrate_threshold  # noqa: E402
 from benchmarks.output import add_out_option, report_path  # noqa: E402
 from procache_core import SchedulePolicy  # noqa: E402
 from procache_core.forecast import Taylor  # noqa: E402
@@ -70,7 +70,7 @@ def budget_rows(forecasts, precisions):
 # ---- reference DiT --------------------------------------------------------------------------------
 def reference_rows(samples: int, steps: int, precisions=("model dtype",), forecasts=("reuse",),
                    log=print) -> list[dict]:
-    from .reference_bench import CFG_SCALE, PROCACHE_DEEP_FRACTION, PROCACHE_SELECTOR, SCHEDULES, Bench, load_schedule
+    from .reference_bench import CALIBRATION_SEED, CFG_SCALE, PROCACHE_DEEP_FRACTION, PROCACHE_SELECTOR, SCHEDULES, Bench, load_schedule
     bench = Bench(samples)
     schedule = load_schedule(SCHEDULES.get(steps, SCHEDULES[50]))
     schedule = schedule.resampled(steps) if schedule.steps != steps else schedule
@@ -100,6 +100,14 @@ def reference_rows(samples: int, steps: int, precisions=("model dtype",), foreca
         threshold = bench.calibrate(steps, rule, target)
         images, flops, _, _ = bench.dynamic(steps, rule, threshold)
         add(label, f"threshold {threshold:.4g}", images, flops)
+
+    def lazycache(threshold, labels=bench.cal_labels, seed=CALIBRATION_SEED):
+        wrapped = LazyCacheDDIM(bench.model, threshold)
+        images = sample(wrapped, labels, steps, CFG_SCALE, seed)
+        return wrapped.stats.flops_speedup, images
+    threshold = calibrate_threshold(lazycache, target, exact=True)[0]     # on the calibration seeds
+    flops, images = lazycache(threshold, bench.labels, 0)
+    add("LazyCache-style", f"threshold {threshold:.4g}", images, flops)
     return rows
 
 

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from benchmarks.baselines import DynamicCache
+from benchmarks.baselines import DynamicCache, LazyCacheDDIM
 from benchmarks.digits import load_digits_tensors, split
 from benchmarks.judge import PSNR_CAP, frechet_distance, load_judge, psnr
 from benchmarks.reference_bench import checks, run_benchmark
@@ -122,3 +122,17 @@ def test_the_search_scores_candidates_with_the_forecaster_they_will_run_with(mod
     # the same candidates are drawn; Taylor 1 changes what each of them scores
     assert [c.pattern for c in plain.candidates] == [c.pattern for c in taylor.candidates]
     assert all(p.error != t.error for p, t in zip(plain.candidates, taylor.candidates))
+
+
+def test_lazycache_on_ddim_computes_every_call_at_threshold_zero_and_skips_inside_its_window(model):
+    labels = torch.arange(4)
+    plain = sample(model, labels, 20, 1.5, 0)
+    never = LazyCacheDDIM(model, 0.0)
+    assert torch.allclose(sample(never, labels, 20, 1.5, 0), plain, atol=1e-5)
+    assert never.stats.flops_speedup == 1.0
+    lazy = LazyCacheDDIM(model, 5.0)
+    images = sample(lazy, labels, 20, 1.5, 0)
+    skipped = lazy.stats.calls - lazy.stats.computed_calls
+    # the window (15 % to 95 %) keeps the first steps and the last one computing
+    assert 0 < skipped < 20 - 3 and lazy.stats.flops_speedup > 1.5
+    assert torch.isfinite(images).all() and not torch.allclose(images, plain, atol=1e-3)
