@@ -12,8 +12,9 @@ model-level residual), printed beside each row with its planned cache bytes.
 
 Reference DiT (trained on digits, 16 tokens, DDIM, CFG 1.5): PSNR against the full-compute image of
 the same seed, FD against the real digits, and the share of branch level's PSNR gain over the
-model-level residual that each budget keeps, beside fewer steps and the EasyCache- and
-TeaCache-style rules calibrated to the same FLOPs (benchmarks/baselines.py).
+model-level residual that each budget keeps, beside fewer steps and the EasyCache-, TeaCache- and
+LazyCache-style rules calibrated to the same FLOPs (benchmarks/baselines.py). Rows "model-level
+check" run Apply's check_model_level (procache_core/rung_check.py) on the small budgets.
 
 Tiny ComfyUI models (random weights, euler, CFG 2): error of the final latent against full compute,
 beside fewer steps and ComfyUI's own LazyCache with its threshold set by bisection to the ProCache
@@ -39,10 +40,11 @@ from benchmarks.baselines import LazyCacheDDIM, calibrate_threshold  # noqa: E40
 from benchmarks.output import add_out_option, report_path  # noqa: E402
 from procache_core import SchedulePolicy  # noqa: E402
 from procache_core.forecast import Taylor  # noqa: E402
-from procache_core.memory import Budget, format_bytes  # noqa: E402
+from procache_core.memory import DEFAULT_PRECISION, Budget, format_bytes  # noqa: E402
 from procache_core.reference.sampling import sample  # noqa: E402
 
 BUDGETS = ("unlimited", "16", "8", "4", "2", "1", "minimal")
+CHECKED_BUDGETS = ("8", "4", "2", "1")
 
 
 def budget_of(name: str) -> Budget:
@@ -92,6 +94,15 @@ def reference_rows(samples: int, steps: int, precisions=("model dtype",), foreca
                              precision=precision, forecaster=FORECASTS[forecast][1]())
         add("ProCache + selective", budget_label(name, precision, forecast), images, run.stats.flops_speedup,
             run.stats.plan, forecast)
+    # check_model_level (rung_check.py) on the small budgets, with Apply's default precision
+    for forecast in forecasts:
+        for name in CHECKED_BUDGETS:
+            policy = SchedulePolicy(schedule, deep_fraction=PROCACHE_DEEP_FRACTION)
+            images, run = sample(bench.model, bench.labels, steps, CFG_SCALE, 0, policy=policy,
+                                 selector=PROCACHE_SELECTOR, return_run=True, budget=budget_of(name),
+                                 precision=DEFAULT_PRECISION, forecaster=FORECASTS[forecast][1](), rung_check=True)
+            add("ProCache + selective", budget_label(name, DEFAULT_PRECISION, forecast) + ", model-level check", images,
+                run.stats.flops_speedup, run.stats.plan, forecast)
     target = rows[1]["flops"]
     fewer = max(1, round(steps / target))
     images, _, _, _ = bench.plain(fewer)

@@ -85,6 +85,9 @@ class Run:
         self.recording: Census | None = None        # set on the scout run that takes a census
         self.quantize_options: tuple = (None, False)  # 8-bit format the ladder may use, for every rung
         self.rung_check: RungCheck | None = None    # the rung against one model-level residual (rung_check.py)
+        # Block FLOPs of a computed call, per number of streams: a run that moves to the model-level
+        # residual mid-run keeps counting its work in the same units.
+        self.call_flops: dict[int, float] = {}
 
     # ---- the sampler's side ------------------------------------------------------------------
     def sampler_callback(self, user_callback: Callable | None,
@@ -111,6 +114,8 @@ class Run:
                 yield call
         finally:
             w = call.work
+            if call.step_kind == StepKind.FULL and w.flops_full > 0 and not self.rung.model_level:
+                self.call_flops[len(call.streams)] = w.flops_full
             self.stats.record_call(step, call.streams, call.step_kind, time.perf_counter() - started,
                                    w.flops_done, w.flops_full, w.misses)
             self.branch_calls[step] += w.computed
@@ -689,8 +694,10 @@ class _Call:
     # ---- model-level fallback ------------------------------------------------------------------
     def _model_level_forward(self, original):
         """For models without a branch-level family: reuse the model's output residual."""
+        cost = self.run.call_flops.get(len(self.streams), 1.0)
+
         def forward(x, *args, **kwargs):
-            self.work.flops_full += 1.0
+            self.work.flops_full += cost
             key = ("model", "residual")
             if self.step_kind != StepKind.FULL:
                 cached = self._reused(key, "model", x.device)
@@ -699,7 +706,7 @@ class _Call:
                     return x[:, :channels] + cached
                 self.work.misses += 1
             out = original(x, *args, **kwargs)
-            self.work.flops_done += 1.0
+            self.work.flops_done += cost
             self.work.computed += 1
             if not self.run.stores_at(self.schedule_step):
                 return out              # no later step of this run reads the cache

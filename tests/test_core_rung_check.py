@@ -65,4 +65,6 @@ def test_a_clearly_closer_model_level_residual_takes_over_and_lands_closer(refer
     assert checked_run.stats.plan["rung"] == "model"
     assert any("model-level residual landed closer" in n for n in checked_run.stats.notes)
     assert checked_run.cache.nbytes == 0        # freed at the end, like every run's cache
+    # the work after the switch is counted in the same units (selective steps now only reuse)
+    assert run.stats.flops_speedup <= checked_run.stats.flops_speedup < run.stats.flops_speedup * 1.1
     assert psnr(checked, full).mean() > psnr(spans, full).mean() + 1.0
