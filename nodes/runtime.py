@@ -306,6 +306,15 @@ def plan_cache(run: Run, request: PlanRequest, diffusion_model, sigma: float, st
     if free is not None:
         plan.budget_source = f"auto: {round(AUTO_SHARE * 100)}% of {format_bytes(free)} free"
     log.info("ProCache: cache plan: %s", plan.text())     # the panel and the run summary show it too
+    if plan.rung.kind in ("spans", "model") and run.forecast is None and run.family is not None:
+        run.stats.notes.append(SMALL_BUDGET_ADVICE)
+
+
+# On the reference DiT at R = 2 (50 steps, about 3x) plain reuse lands below fewer steps at the same
+# FLOPs and Taylor 1 well above it (benchmarks/results/memory_quality.md).
+SMALL_BUDGET_ADVICE = ("small cache budget: no block keeps its branches, so plain reuse copies whole residuals; "
+                       "a ProCache Forecaster (taylor, order 1) extrapolates them instead and lands much closer "
+                       "to full compute at the same speed (reference DiT, 2 residuals: 44 dB against 38)")
 
 
 def model_display_name(model_patcher) -> str:

@@ -262,3 +262,13 @@ def test_check_model_level_measures_both_and_keeps_the_rung_it_does_not_beat(pac
     # model (transformer_options, patches) leaves the run untouched
     assert "branch level in all" in note and "stays" in note, note
     assert torch.equal(plain, checked) and run.rung.kind == "branch"
+
+
+def test_a_budget_with_no_branches_left_advises_a_forecaster(pack, runs):
+    from procache_comfyui.nodes.runtime import SMALL_BUDGET_ADVICE
+    from procache_comfyui.procache_core.forecast import Taylor
+    mp = comfy_env.make_patcher("wan")
+    for budget, forecaster, advised in (("minimal", None, True), ("unlimited", None, False),
+                                        ("minimal", Taylor(1), False)):
+        comfy_env.sample(_apply(pack, mp, budget, forecaster=forecaster), "wan")
+        assert (SMALL_BUDGET_ADVICE in runs[-1].stats.notes) == advised, (budget, forecaster)
