@@ -215,6 +215,54 @@ def comfy_rows(family: str, steps: int, precisions=("model dtype",), forecasts=(
     return rows
 
 
+# ---- the second reference model (a trained tiny Flux in ComfyUI's own class) --------------------
+def reference_flux_rows(samples: int, steps: int, precisions=("model dtype",), forecasts=("reuse",),
+                        sampler: str = "euler", log=print) -> list[dict]:
+    from procache_comfyui.nodes import library
+    from procache_comfyui.nodes.runtime import LAST_RUNS, ApplyConfig, attach
+    from .reference_flux_bench import SCHEDULE as FLUX_SCHEDULE, FluxBench
+
+    bench = FluxBench(samples)
+    schedule = library.load(FLUX_SCHEDULE)
+    schedule = schedule.resampled(steps) if schedule.steps != steps else schedule
+    rows = []
+    full = bench.measure(None, steps, sampler)
+
+    def add(method, setting, result, flops, forecast="reuse", plan=None):
+        row = {"method": method, "setting": setting, "flops": flops, "plan": plan, "forecast": forecast}
+        row.update(bench.score(result, None if method == "full compute" else full))
+        rows.append(row)
+        row.setdefault("psnr", math.inf)
+        log(f"  flux {steps:>3} steps  {method:<26} {setting:<48} flops {flops:5.2f}x  psnr {row['psnr']:6.2f}  "
+            f"fd {row['fd']:7.3f}  {plan['text'] if plan else ''}")
+
+    def procache(name, precision, forecast, check=False):
+        config = ApplyConfig(schedule=schedule, budget=budget_of(name), cache_precision=precision,
+                             forecaster=FORECASTS[forecast][1](), check_model_level=check)
+        result = bench.measure(attach(bench.patcher, config), steps, sampler)
+        label = budget_label(name, precision, forecast) + (", model-level check" if check else "")
+        add("ProCache + selective", label, result, result.flops_speedup, forecast, LAST_RUNS.latest()["plan"])
+
+    add("full compute", f"{sampler} {steps}", full, 1.0)
+    for name, precision, forecast in budget_rows(forecasts, precisions):
+        procache(name, precision, forecast)
+    for forecast in forecasts:
+        for name in CHECKED_BUDGETS:
+            procache(name, DEFAULT_PRECISION, forecast, check=True)
+    target = rows[1]["flops"]
+    fewer = max(1, round(steps / target))
+    add("fewer steps (equal FLOPs)", f"{sampler} {fewer}", bench.measure(None, fewer, sampler), steps / fewer)
+    threshold = bench.lazycache_threshold(steps, sampler, target)
+    result = bench.measure(bench.lazycache(threshold), steps, sampler)
+    add("LazyCache (ComfyUI)", f"threshold {threshold:.3g}", result, full.block_calls / max(result.block_calls, 1))
+    return rows
+
+
+def reference_flux_table(rows: list[dict], steps: int) -> list[str]:
+    return table(f"Reference Flux (trained, 256 tokens, euler), {steps} steps", rows,
+                 [("FLOPs speedup", "flops"), ("PSNR vs full ↑", "psnr"), ("FD ↓", "fd")])
+
+
 def comfy_table(family: str, steps: int, rows: list[dict]) -> list[str]:
     return table(f"{family} (tiny, random weights), {steps} steps", rows,
                  [("compute speedup", "compute"), ("rel. L2 vs full ↓", "rel"), ("PSNR vs full ↑", "psnr")])
@@ -227,6 +275,8 @@ def main(argv=None):
     parser.add_argument("--comfyui", default=None, help="a ComfyUI checkout: also bench its tiny models")
     parser.add_argument("--families", default="flux,wan,pixart")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference DiT")
+    parser.add_argument("--flux-samples", type=int, default=20,
+                        help="images per row of the reference Flux (with --comfyui; 0 skips it)")
     parser.add_argument("--precisions", default="model dtype,8-bit when needed",
                         help="cache_precision settings of the budget rows (memory.PRECISIONS), comma-separated")
     parser.add_argument("--forecasts", default="reuse,taylor1",
@@ -247,7 +297,9 @@ def main(argv=None):
         import comfy_env
         comfy_env.load_comfy()
         comfy_env.load_pack()
-        for steps in steps_list:
+        for steps in steps_list if args.flux_samples else ():
+            lines += reference_flux_table(reference_flux_rows(args.flux_samples, steps, precisions, forecasts), steps)
+        for steps in steps_list if args.families else ():
             for family in args.families.split(","):
                 lines += comfy_table(family, steps, comfy_rows(family, steps, precisions, forecasts))
     command = "python -m benchmarks.memory_quality " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

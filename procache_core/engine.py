@@ -105,8 +105,8 @@ class Run:
     def model_call(self, model: nn.Module, sigma: float, streams: Sequence[str]):
         """Attach to `model` for one call at noise level `sigma` with these CFG streams."""
         step = self.clock.step_for(sigma, tuple(streams))
-        if self.rung_check is not None and self.rung_check.settled_before(self.clock.offset + step):
-            self._settle_rung_check()
+        if self.rung_check is not None and self.rung_check.switches_before(self.clock.offset + step):
+            self._switch_to_model_level()
         call = _Call(self, step, tuple(streams), model, float(sigma))
         started = time.perf_counter()
         try:
@@ -129,7 +129,8 @@ class Run:
             if self.forecast is not None:
                 self.stats.notes.extend(self.forecast.report())
             self.cache.clear()
-            if self.rung_check is not None:
+            if self.rung_check is not None:     # it never switched: say what it measured
+                self.stats.notes.append(self.rung_check.text(self._rung_text()))
                 self.rung_check.free()
             self.stats.wall_seconds = time.perf_counter() - self._started
             if self.plan is not None:
@@ -284,19 +285,18 @@ class Run:
             forecast = ForecastState(self.forecast.forecaster, self.clock.sigmas)
         self.rung_check = RungCheck(self.cache.device, forecast, steps)
 
-    def _settle_rung_check(self) -> None:
+    def _rung_text(self) -> str:
+        return self.rung.describe(self.census.num_blocks) if self.census is not None else "branch level"
+
+    def _switch_to_model_level(self) -> None:
         check, self.rung_check = self.rung_check, None
-        rung_text = self.rung.describe(self.census.num_blocks) if self.census is not None else "branch level"
-        self.stats.notes.append(check.text(rung_text))
-        if not check.model_level_wins():
-            check.free()
-            return
+        self.stats.notes.append(check.text(self._rung_text()))
         # the check's store already holds the model-level residual (and history) of the full steps so far
         self.cache.clear()
         self.rung, self.cache = MODEL_LEVEL, check.store
         if self.forecast is not None:
             self.forecast = check.forecast
-        self._replan(MODEL_LEVEL, "the rung check measured it closer to full compute")
+        self._replan(MODEL_LEVEL, "the rung check measured it clearly closer to full compute")
 
     def branch_cost(self, block: nn.Module, branch: Branch, rows: int) -> float:
         key = id(block), branch.name

@@ -257,7 +257,7 @@ def test_check_model_level_measures_both_and_keeps_the_rung_it_does_not_beat(pac
     checked = comfy_env.sample(apply(True), family, steps=8)
     run = runs[-1]
     note = next(n for n in run.stats.notes if n.startswith("rung check"))
-    assert "at steps 2, 4" in note
+    assert "over 4 full steps (2-7)" in note
     # random weights: branch level is far closer, so it stays, and the cached pass inside ComfyUI's
     # model (transformer_options, patches) leaves the run untouched
     assert "branch level in all" in note and "stays" in note, note

@@ -26,24 +26,24 @@ def _run(model, budget, forecaster=None, check=False, steps=50, labels=None):
                   budget=Budget.parse(budget), forecaster=forecaster, rung_check=check)
 
 
-def test_check_decides_by_total_error_with_a_margin():
+def test_check_decides_by_decayed_errors_with_a_margin():
     x = torch.zeros(1, 2, 4, 4)
     check = RungCheck(steps=2)
     out = torch.ones(1, 2, 4, 4)
     check.record(("c",), 0, 1.0, x, out, None)          # nothing stored yet: nothing scored
-    assert not check.errors and check.has_previous(("c",))
+    assert not check.scored and check.has_previous(("c",))
     # the model-level guess is x + the last residual (all ones): exact at step 1
     check.record(("c",), 1, 0.8, x, out, out * 1.1)
-    assert check.errors[1] == [(pytest.approx(0.1), 0.0)]
-    assert not check.settled_before(2)
+    assert check.scored == [1] and check.rung_error == pytest.approx(0.1) and check.model_error == 0.0
+    assert not check.switches_before(2)                 # one scored step is not enough
     check.record(("c",), 2, 0.6, x, out * 1.2, out * 1.2)   # the rung exact, the model level 1/6 off
-    assert check.settled_before(3) and not check.settled_before(2)
-    rung, model = check.totals()
-    assert model == pytest.approx(1 / 6, rel=1e-5) and rung == pytest.approx(0.1, rel=1e-5)
-    assert not check.model_level_wins()     # 0.167 is not below MARGIN x 0.1
-    check.errors[2] = [(0.5, 0.0)]
-    assert check.model_level_wins() and (0.0 + 0.0) < MARGIN * 0.6
-    assert "model-level residual landed closer" in check.text("spans")
+    assert check.rung_error == pytest.approx(0.05) and check.model_error == pytest.approx(1 / 6, rel=1e-5)
+    assert not check.model_level_wins() and not check.switches_before(3)
+    check.record(("c",), 3, 0.4, x, out * 1.2, out * 2.0)   # the rung far off, the model level exact
+    assert check.rung_error == pytest.approx(0.025 + 2 / 3, rel=1e-5)
+    assert check.model_level_wins() and check.model_error < MARGIN * check.rung_error
+    assert not check.switches_before(3) and check.switches_before(4)   # after the step's last stream
+    assert "model-level residual landed clearly closer" in check.text("spans")
 
 
 def test_when_the_rung_stays_the_check_changes_nothing(reference):
@@ -52,7 +52,7 @@ def test_when_the_rung_stays_the_check_changes_nothing(reference):
     assert torch.equal(plain, checked)          # the cached pass has no side effect on the run
     assert checked_run.stats.flops_speedup == run.stats.flops_speedup
     note = next(n for n in checked_run.stats.notes if n.startswith("rung check"))
-    assert "branch level in all 8 blocks stays" in note
+    assert "branch level in all 8 blocks stays" in note and "over 16 full steps" in note
     assert not checked_run.rung.model_level
 
 
@@ -63,7 +63,7 @@ def test_a_clearly_closer_model_level_residual_takes_over_and_lands_closer(refer
     checked, checked_run = _run(reference, "2 residuals", Taylor(1), check=True)
     assert not run.rung.model_level and checked_run.rung.model_level
     assert checked_run.stats.plan["rung"] == "model"
-    assert any("model-level residual landed closer" in n for n in checked_run.stats.notes)
+    assert any("model-level residual landed clearly closer" in n for n in checked_run.stats.notes)
     assert checked_run.cache.nbytes == 0        # freed at the end, like every run's cache
     # the work after the switch is counted in the same units (selective steps now only reuse)
     assert run.stats.flops_speedup <= checked_run.stats.flops_speedup < run.stats.flops_speedup * 1.1
