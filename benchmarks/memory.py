@@ -170,8 +170,8 @@ CASES = [
     Case("Wan 2.1 14B", (1280, 720, 81), 2, "procache-dit-50-17full", 30),
 ]
 
-# The issue's estimate of branch-level bytes (plain reuse), from the families' branch declarations.
-ISSUE_GIB = {("FLUX.1-dev", (1024, 1024)): 2.0, ("Qwen-Image", (1328, 1328)): 9.8,
+# An estimate of branch-level bytes (plain reuse), from the families' branch declarations.
+ESTIMATE_GIB = {("FLUX.1-dev", (1024, 1024)): 2.0, ("Qwen-Image", (1328, 1328)): 9.8,
              ("PixArt-Sigma XL", (1024, 1024)): 1.5, ("Wan 2.1 1.3B", (832, 480, 81)): 16.9,
              ("Wan 2.1 14B", (832, 480, 81)): 75.0, ("Wan 2.1 14B", (1280, 720, 81)): 173.0}
 
@@ -241,7 +241,7 @@ class Plans:
     census: memory.Census               # scaled to the case's streams
     runs: dict[str, Run]                # "plain" / "taylor2" -> a Run for the case's schedule
     seconds: float
-    estimate: float | None = None       # the issue's branch-level estimate in GiB, where it gives one
+    estimate: float | None = None       # the per-branch estimate of branch level in GiB, where it gives one
 
     def rung_bytes(self, key: str) -> dict[str, int | None]:
         run = self.runs[key]
@@ -268,7 +268,7 @@ def plan_case(label: str, model: Model, size, streams: int, schedule: Schedule, 
             _CENSUS_MEMO[key] = take_census(model, diffusion_model, size, schedule)
     census = _CENSUS_MEMO[key].per_stream(streams)
     runs = {name: make_run(schedule, diffusion_model, forecaster) for name, forecaster in forecasters.items()}
-    return Plans(label, census, runs, time.perf_counter() - started, ISSUE_GIB.get((model.name, size)))
+    return Plans(label, census, runs, time.perf_counter() - started, ESTIMATE_GIB.get((model.name, size)))
 
 
 # ---- the shipped workflows ---------------------------------------------------------------------------
@@ -357,8 +357,8 @@ def picks_table(results: list[Plans]) -> list[str]:
     return lines
 
 
-def issue_table(results: list[Plans]) -> list[str]:
-    lines = ["| model, size | issue estimate (GiB) | branch values (GiB) | branch level, plain (GiB) | "
+def estimate_table(results: list[Plans]) -> list[str]:
+    lines = ["| model, size | per-branch estimate (GiB) | branch values (GiB) | branch level, plain (GiB) | "
              "branch level, Taylor 2 (GiB) | what the difference is |", "|" + "---|" * 6]
     for p in results:
         expected = p.estimate
@@ -427,10 +427,10 @@ def report(result: dict, command: str, version: str, seconds: float) -> str:
         *ladder_table(cases, "taylor2"), "",
         f"## The auto budget's pick ({memory.AUTO_SHARE:.0%} of the free memory at run start; cache_precision {memory.DEFAULT_PRECISION!r})", "",
         *picks_table(cases), "",
-        "## Against the issue's estimate of branch level", "",
+        "## Against a per-branch estimate of branch level", "",
         "The estimate counts one value per branch, block and stream; the census also counts what selective steps "
         "keep: once per deep block (FLUX: the single blocks' attention outputs, since selective steps recompute only "
-        "the MLP half of the fused linear), and with forecasting one offset per refreshed branch.", "", *issue_table(cases), "",
+        "the MLP half of the fused linear), and with forecasting one offset per refreshed branch.", "", *estimate_table(cases), "",
         "## Shipped workflows at 24 GiB free (auto budget, their own schedule and cache_precision, plain reuse)", "",
         *workflow_table(result["workflows"]), ""]
     return "\n".join(parts)

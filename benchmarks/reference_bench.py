@@ -191,7 +191,7 @@ def tune_selective(samples: int = 100, steps: int = 50, model=None, log=print) -
 
 
 def checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
-    """The issue's targets at 50 steps, with the numbers behind each verdict."""
+    """The targets at 50 steps, with the numbers behind each verdict."""
     by = {(r.steps, r.method): r for r in rows}
     out = []
     full = by.get((50, "full compute"))
