@@ -27,7 +27,7 @@ def test_no_benchmark_defaults_to_the_tracked_results():
                 and getattr(call.func, "attr", "") == "add_argument" and call.args
                 and isinstance(call.args[0], ast.Constant) and call.args[0].value == "--out"]
         name = os.path.basename(path)
-        if name in ("output.py", "train_reference.py", "train_router.py", "judge.py"):
+        if name in ("output.py", "train_reference.py", "train_reference_flux.py", "train_router.py", "judge.py"):
             continue
         assert not outs, f"{name}: --out must come from benchmarks.output.add_out_option"
         assert "RESULTS" not in source, f"{name} names the tracked results folder"
