@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import shlex
 import sys
@@ -89,6 +90,8 @@ def matched_schedule(schedule, selective_speedup: float, reuse_speedup: float):
 
 @dataclasses.dataclass
 class SweepRow:
+    model: str
+    sampler: str
     steps: int
     forecast: str
     setting: str
@@ -106,61 +109,120 @@ class SweepRow:
         return self.psnr - self.matched_psnr
 
 
-class SelectiveSweep:
-    """Runs the sweep on one FluxBench; matched and fewer-step runs are shared between settings."""
+class FluxHarness:
+    """The reference Flux under ComfyUI's euler (FluxBench), as the sweep calls it."""
 
-    def __init__(self, bench, steps: int, sampler: str, forecast: str, log=print):
+    name, sampler = "reference Flux (256 tokens)", "euler"
+    core = "procache_comfyui.procache_core"     # the pack as ComfyUI loaded it: its classes, not a second copy
+
+    def __init__(self, samples: int):
+        from .reference_flux_bench import FluxBench
+        self.bench = FluxBench(samples)
+
+    def schedule(self, steps: int):
         from procache_comfyui.nodes import library
         from .reference_flux_bench import SCHEDULE
+        return library.load(SCHEDULE)
 
-        self.bench, self.steps, self.sampler, self.forecast, self.log = bench, steps, sampler, forecast, log
-        schedule = library.load(SCHEDULE)
+    def plain(self, steps: int):
+        return self.bench.measure(None, steps, self.sampler).images
+
+    def cached(self, steps: int, schedule, selector, deep_fraction: float, forecaster):
+        from procache_comfyui.nodes.runtime import ApplyConfig, attach
+        config = ApplyConfig(schedule=schedule, selector=selector, deep_fraction=deep_fraction, forecaster=forecaster)
+        result = self.bench.measure(attach(self.bench.patcher, config), steps, self.sampler)
+        return result.flops_speedup, result.images
+
+    def score(self, images, full) -> dict:
+        return self.bench.judge.evaluate(images, self.bench.labels, reference=full)
+
+
+class DitHarness:
+    """The reference DiT (16 tokens) under the pack's DDIM, with reference_bench's schedules."""
+
+    name, sampler = "reference DiT (16 tokens)", "ddim"
+    core = "procache_core"
+
+    def __init__(self, samples: int):
+        from .reference_bench import Bench
+        self.bench = Bench(samples)
+
+    def schedule(self, steps: int):
+        from .reference_bench import SCHEDULES, load_schedule
+        return load_schedule(SCHEDULES.get(steps, SCHEDULES[50]))
+
+    def plain(self, steps: int):
+        return self.bench.plain(steps)[0]
+
+    def cached(self, steps: int, schedule, selector, deep_fraction: float, forecaster):
+        from procache_core import SchedulePolicy
+        from procache_core.reference.sampling import sample
+        from .reference_bench import CFG_SCALE, SEED
+        images, run = sample(self.bench.model, self.bench.labels, steps, CFG_SCALE, SEED,
+                             policy=SchedulePolicy(schedule, deep_fraction=deep_fraction), selector=selector,
+                             forecaster=forecaster, return_run=True)
+        return run.stats.flops_speedup, images
+
+    def score(self, images, full) -> dict:
+        return self.bench.judge.evaluate(images, self.bench.labels, reference=full)
+
+
+HARNESSES = {"flux": FluxHarness, "dit": DitHarness}
+
+
+class SelectiveSweep:
+    """Runs the sweep on one model, step count and forecast; matched and fewer-step runs are shared
+    between settings."""
+
+    def __init__(self, harness, steps: int, forecast: str, log=print):
+        self.harness, self.steps, self.forecast, self.log = harness, steps, forecast, log
+        schedule = harness.schedule(steps)
         self.schedule = schedule.resampled(steps) if schedule.steps != steps else schedule
-        self.full = bench.measure(None, steps, sampler)
+        self.full = harness.plain(steps)
         self._runs: dict = {}
 
-    def run(self, schedule, selector=None, deep_fraction: float = 0.25):
-        from procache_comfyui.nodes.runtime import ApplyConfig, attach
-        from procache_comfyui.procache_core.forecast import Taylor
-        from procache_comfyui.procache_core.tokens import TokenSelector
+    def selector(self, **fields):
+        return importlib.import_module(f"{self.harness.core}.tokens").TokenSelector(**fields)
 
+    def run(self, schedule, selector=None, deep_fraction: float = 0.25):
+        taylor = importlib.import_module(f"{self.harness.core}.forecast").Taylor
         key = (schedule.pattern, selector, deep_fraction)
         if key not in self._runs:
-            config = ApplyConfig(schedule=schedule, selector=selector or TokenSelector(), deep_fraction=deep_fraction,
-                                 forecaster=Taylor(1) if self.forecast == "taylor1" else None)
-            result = self.bench.measure(attach(self.bench.patcher, config), self.steps, self.sampler)
-            self._runs[key] = (result.flops_speedup, self.bench.score(result, self.full))
+            speedup, images = self.harness.cached(self.steps, schedule, selector or self.selector(), deep_fraction,
+                                                  taylor(1) if self.forecast == "taylor1" else None)
+            self._runs[key] = (speedup, self.harness.score(images, self.full))
         return self._runs[key]
 
     def fewer(self, steps: int) -> float:
         key = ("fewer", steps)
         if key not in self._runs:
-            self._runs[key] = self.bench.score(self.bench.measure(None, steps, self.sampler), self.full)["psnr"]
+            self._runs[key] = self.harness.score(self.harness.plain(steps), self.full)["psnr"]
         return self._runs[key]
 
     def row(self, label: str, fields: dict, deep_fraction: float) -> SweepRow:
-        from procache_comfyui.procache_core.tokens import TokenSelector
-
         reuse_speedup, _ = self.run(self.schedule.with_kinds(without_selective(self.schedule.kinds)))
-        speedup, score = self.run(self.schedule, TokenSelector(**fields), deep_fraction)
+        speedup, score = self.run(self.schedule, self.selector(**fields), deep_fraction)
         matched, extra = matched_schedule(self.schedule, speedup, reuse_speedup)
         matched_speedup, matched_score = self.run(matched)
         fewer = max(1, round(self.steps / speedup))
-        row = SweepRow(self.steps, self.forecast, label, speedup, score["psnr"], score["fd"], matched_speedup,
-                       matched_score["psnr"], extra, fewer, self.fewer(fewer))
-        self.log(f"  {self.steps:3} steps {self.forecast:7} {label:<44} flops {speedup:5.2f}x psnr {row.psnr:6.2f} | "
-                 f"+{extra} full {matched_speedup:5.2f}x psnr {row.matched_psnr:6.2f} | gain {row.gain:+6.2f} dB")
+        row = SweepRow(self.harness.name, self.harness.sampler, self.steps, self.forecast, label, speedup,
+                       score["psnr"], score["fd"], matched_speedup, matched_score["psnr"], extra, fewer,
+                       self.fewer(fewer))
+        self.log(f"  {self.harness.sampler} {self.steps:3} steps {self.forecast:7} {label:<44} flops {speedup:5.2f}x "
+                 f"psnr {row.psnr:6.2f} | +{extra} full {matched_speedup:5.2f}x psnr {row.matched_psnr:6.2f} | "
+                 f"gain {row.gain:+6.2f} dB")
         return row
 
 
 def markdown(rows: list[SweepRow], header: str) -> str:
     lines = [header, ""]
-    for steps, forecast in dict.fromkeys((r.steps, r.forecast) for r in rows):
-        lines += [f"**euler, {steps} steps, {'Taylor 1' if forecast == 'taylor1' else 'plain reuse'}**", "",
+    for group in dict.fromkeys((r.model, r.sampler, r.steps, r.forecast) for r in rows):
+        model, sampler, steps, forecast = group
+        lines += [f"**{model}, {sampler}, {steps} steps, {'Taylor 1' if forecast == 'taylor1' else 'plain reuse'}**", "",
                   "| selective setting | FLOPs speedup | PSNR ↑ | FD ↓ | same FLOPs as full steps: extra full, speedup | "
                   "PSNR ↑ | gain (dB) | fewer steps: n, PSNR |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if (r.steps, r.forecast) == (steps, forecast)):
+        for r in (r for r in rows if (r.model, r.sampler, r.steps, r.forecast) == group):
             lines.append(f"| {r.setting} | {r.flops:.2f}× | {r.psnr:.2f} | {r.fd:.1f} | +{r.extra_full}, {r.matched_flops:.2f}× | "
                          f"{r.matched_psnr:.2f} | {r.gain:+.2f} | {r.fewer_steps}, {r.fewer_psnr:.2f} |")
         lines.append("")
@@ -169,7 +231,9 @@ def markdown(rows: list[SweepRow], header: str) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--comfyui", default=None, help="a ComfyUI checkout (default: COMFYUI_PATH)")
+    parser.add_argument("--model", choices=sorted(HARNESSES), default="flux",
+                        help="flux: the reference Flux in ComfyUI (euler); dit: the reference DiT (the pack's DDIM)")
+    parser.add_argument("--comfyui", default=None, help="a ComfyUI checkout (default: COMFYUI_PATH; --model flux)")
     parser.add_argument("--samples", type=int, default=20, help="images per row (labels 0..9 repeated)")
     parser.add_argument("--steps", default="50,20", help="step counts, comma separated")
     parser.add_argument("--forecasts", default="reuse,taylor1", help="reuse and/or taylor1, comma separated")
@@ -177,28 +241,27 @@ def main(argv=None):
     add_out_option(parser, optional=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from .reference_flux import load_comfy
-    from .reference_flux_bench import FluxBench
-
-    version = load_comfy(args.comfyui)
+    where = ""
+    if args.model == "flux":
+        from .reference_flux import load_comfy
+        where = f" inside ComfyUI {load_comfy(args.comfyui)}"
     started = time.perf_counter()
     chosen = [SETTINGS[int(i)] for i in args.settings.split(",")] if args.settings else list(SETTINGS)
-    bench = FluxBench(args.samples)
+    harness = HARNESSES[args.model](args.samples)
     rows = []
     for steps in (int(s) for s in args.steps.split(",")):
         for forecast in (f.strip() for f in args.forecasts.split(",")):
-            sweep = SelectiveSweep(bench, steps, "euler", forecast)
+            sweep = SelectiveSweep(harness, steps, forecast)
             rows += [sweep.row(*setting) for setting in chosen]
     command = "python -m benchmarks.selective_bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    header = (f"Selective steps at matched FLOPs on the reference Flux (256 image tokens) inside ComfyUI {version}, "
-              f"euler, {args.samples} samples, CFG 2, schedule procache-dit-50-17full resampled; `{command.strip()}` "
-              f"({(time.perf_counter() - started) / 60:.1f} min, one thread). PSNR against full compute of the same "
-              f"seed. The matched row turns the selective steps into reuse and spends their FLOPs on extra full "
-              f"steps; gain = selective PSNR − matched PSNR.")
+    header = (f"Selective steps at matched FLOPs on the {harness.name}{where}, {harness.sampler}, {args.samples} "
+              f"samples; `{command.strip()}` ({(time.perf_counter() - started) / 60:.1f} min, one thread). PSNR "
+              f"against full compute of the same seed. The matched row turns the selective steps into reuse and "
+              f"spends their FLOPs on extra full steps; gain = selective PSNR − matched PSNR.")
     text = markdown(rows, header)
     print(text)
     if args.out:
-        path = report_path(args.out, "selective_bench.md")
+        path = report_path(args.out, f"selective_bench_{args.model}.md")
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         print(f"wrote {path}")
