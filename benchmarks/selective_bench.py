@@ -1,7 +1,8 @@
 """When does a selective step pay? Selective steps against the same FLOPs spent on full steps, on the
-reference Flux (ComfyUI's Flux class, 256 image tokens).
+reference Flux (ComfyUI's Flux class, 256 image tokens) or the reference DiT (16 tokens, DDIM).
 
-    python -m benchmarks.selective_bench --comfyui ~/comfy/ComfyUI --samples 20                 # minutes
+    python -m benchmarks.selective_bench --comfyui ~/comfy/ComfyUI --samples 10 --steps 50      # minutes
+    python -m benchmarks.selective_bench --model dit --samples 20                               # about 1 min
     python -m benchmarks.selective_bench --comfyui ~/comfy/ComfyUI --out benchmarks/results
 
 A selective step recomputes the token-wise branches (on Flux: the MLPs, and the fused attention+MLP
