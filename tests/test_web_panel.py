@@ -324,7 +324,7 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     seconds = [float(s) for s in run["seconds"]]
     assert len(seconds) == STEPS and all(s > 0 for s in seconds)
     assert seconds == pytest.approx(latest["seconds_per_step"], abs=1e-6)
-    assert float(run["schedule"]) == pytest.approx(schedule.theoretical_speedup())
+    assert float(run["schedule"]) == pytest.approx(schedule.theoretical_speedup(), abs=1e-4)  # the report rounds to 4 places
     # measured: every step at the median full step's time, plus the time outside the model, over the wall time
     full = sorted(s for s, k in zip(seconds, expected) if k == "F")
     without = latest["sampling_seconds"] - sum(seconds) + full[len(full) // 2] * STEPS
@@ -373,7 +373,7 @@ def test_comfy_panel_in_a_real_browser(server, tmp_path):
     assert shown["headline"].startswith(f"cancelled after {ran} of {CANCEL_STEPS} steps; over those: about")
     assert float(shown["measured"]) == pytest.approx(cancelled["speedup"])
     ran_planned = cancelled["planned"][:ran]
-    assert float(shown["schedule"]) == pytest.approx(ran / ran_planned.count("1"))
+    assert float(shown["schedule"]) == pytest.approx(ran / ran_planned.count("1"), abs=1e-4)
     assert shown["seconds"][ran:] == [""] * (CANCEL_STEPS - ran)
     assert all(t.endswith(": not run") for t in shown["bar_titles"][ran:]) and "(?)" not in shown["text"]
     assert f"over the {ran} steps that ran" in shown["details"]
