@@ -225,6 +225,13 @@ def markdown(rows: list[Row], command: str, samples: int, seconds: float, sample
              "FreqCa-style and LazyCache-style are this pack's re-implementations of the published "
              "algorithms (LazyCache: of ComfyUI's node), not the authors' code. The fast-schedule row "
              "exists only where the pack ships a schedule (5x, 6x).", ""]
+    return "\n".join(lines + tables(rows, METHODS[1:]))
+
+
+def tables(rows: list[Row], methods) -> list[str]:
+    """One markdown table per step count and sampler: a row per method in `methods` that has rows,
+    a column per target speedup, and the measured FLOPs speedups of each column (min–max)."""
+    lines = []
     for steps in sorted({r.steps for r in rows}, reverse=True):
         for sampler in dict.fromkeys(r.sampler for r in rows if r.steps == steps):
             mine = [r for r in rows if r.steps == steps and r.sampler == sampler]
@@ -238,7 +245,7 @@ def markdown(rows: list[Row], command: str, samples: int, seconds: float, sample
                 at = [r.flops_speedup for r in mine if r.target == t]
                 speedups.append(f"{min(at):.2f}–{max(at):.2f}×" if max(at) - min(at) > 0.005 else f"{at[0]:.2f}×")
             lines.append("| FLOPs speedup | | " + " | ".join(speedups) + " |")
-            for method in METHODS[1:]:
+            for method in methods:
                 cells = {r.target: r for r in mine if r.method == method}
                 if not cells:       # a run of some rows only (--methods)
                     continue
@@ -246,7 +253,7 @@ def markdown(rows: list[Row], command: str, samples: int, seconds: float, sample
                 lines.append(f"| {method} | {memory:.1f} | "
                              + " | ".join(_cell(cells[t], full) if t in cells else "–" for t in targets) + " |")
             lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def plot(rows: list[Row], path: str) -> None:

@@ -1,0 +1,212 @@
+"""The speed-quality frontier on the second reference model (the trained tiny Flux, ComfyUI's own
+Flux class, 256 image tokens) under ComfyUI's samplers: every method at matched FLOPs, side by side.
+
+    python -m benchmarks.frontier_flux --comfyui ~/comfy/ComfyUI --samples 10 --steps 50 --samplers euler
+    python -m benchmarks.frontier_flux --steps 20 --targets 2 3 --rows benchmarks/out/frontier_flux.json
+
+As benchmarks.frontier does on the reference DiT: at each target speedup S every row computes the
+block stack on B = round(steps / S) steps (frontier.full_steps), so their FLOPs match:
+
+    fewer steps                 the sampler run with B steps
+    ProCache reuse / Taylor 1 / online (Chebyshev)
+                                ProCache Apply on the library's generic schedule with B full steps
+                                (search.generic_pattern), branch level (budget unlimited)
+    ProCache model-level ...    the same schedule with budget "minimal": one model-level residual
+                                (in the model's dtype), forecast by Taylor 1 or by the pack's online
+                                Chebyshev forecaster. The latter is Spectrum-like in spirit (a
+                                Chebyshev basis fitted online over the run's own full steps) but is
+                                not a re-implementation of Spectrum, which forecasts the final-block
+                                feature.
+    ProCache fast schedule + Taylor 1   at 5x and 6x, schedules/procache-fast-<steps>-<x>x.json
+    LazyCache (ComfyUI)         ComfyUI's own LazyCache node, its threshold bisected on this very run
+                                until it runs B steps' worth of transformer blocks (FLOPs only are
+                                matched, nothing is tuned for quality); the node's default window
+                                (15 % to 95 %) where B is reachable with it, else the whole run.
+
+Cells: PSNR against full compute / FD as a multiple of full compute's (benchmarks/judge.py). Cache:
+the ProCache run's peak (run statistics' cache_bytes_peak) per image; LazyCache's from its code (one
+latent-sized output difference and two latents subsampled by 8 per side). Each call adds its rows to
+the `--rows` JSON file (replacing rows of the same step count, sampler, target and method) and writes
+the markdown of all rows there, so a long sweep can run as several short commands.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+from .baselines import calibrate_threshold
+from .frontier import Row, fast_schedule, full_steps, tables
+from .output import add_out_option, report_path
+from .reference_flux import LATENT_SIZE
+
+TARGETS = (2, 3, 4, 5, 6)
+STEP_COUNTS = (50, 20)
+SAMPLERS = ("euler", "dpmpp_2m")
+FEWER = "fewer steps"
+BRANCH_ROWS = (("ProCache reuse", None), ("ProCache Taylor 1", "taylor"), ("ProCache online (Chebyshev)", "online"))
+MODEL_ROWS = (("ProCache model-level residual + Taylor 1", "taylor"),
+              ("ProCache model-level residual + online Chebyshev (Spectrum-like, not Spectrum)", "online"))
+FAST_ROW = "ProCache fast schedule + Taylor 1"
+LAZYCACHE_ROW = "LazyCache (ComfyUI node)"
+METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + tuple(n for n, _ in MODEL_ROWS) + (FAST_ROW, LAZYCACHE_ROW)
+LAZYCACHE_WINDOW = (0.15, 0.95)      # the node's default start_percent and end_percent
+LAZYCACHE_SUBSAMPLE = 8              # the node's subsample_factor
+
+
+def lazycache_bytes_per_image(latent_shape) -> float:
+    """What ComfyUI's LazyCache holds between steps per image: the output difference (latent-sized)
+    and the previous input and output subsampled by LAZYCACHE_SUBSAMPLE per side, float32."""
+    elements = math.prod(latent_shape)
+    return 4.0 * elements * (1 + 2 / LAZYCACHE_SUBSAMPLE ** 2)
+
+
+class FluxFrontier:
+    def __init__(self, samples: int, bench=None):
+        from .reference_flux_bench import FluxBench
+        self.bench = bench if bench is not None else FluxBench(samples)
+
+    def forecaster(self, kind):
+        from procache_comfyui.procache_core.forecast import Online, Taylor
+        return {None: lambda: None, "taylor": lambda: Taylor(1), "online": lambda: Online()}[kind]()
+
+    def procache(self, steps, sampler, kinds, name, forecaster, budget):
+        """(Measured, cache bytes peak) of ProCache Apply on a schedule of `kinds`."""
+        from procache_comfyui.nodes.runtime import LAST_RUNS, ApplyConfig, attach
+        from procache_comfyui.procache_core import Schedule
+        from procache_comfyui.procache_core.memory import Budget
+
+        config = ApplyConfig(schedule=Schedule(kinds=tuple(kinds), name=name), forecaster=self.forecaster(forecaster),
+                             budget=Budget.parse(budget), cache_precision="model dtype")
+        result = self.bench.measure(attach(self.bench.patcher, config), steps, sampler)
+        return result, LAST_RUNS.latest()["cache_bytes_peak"]
+
+    def lazycache(self, steps, sampler, full_calls, target):
+        """(Measured, setting) of ComfyUI's LazyCache with its threshold bisected to `target` block work."""
+        import comfy_extras.nodes_easycache as easycache
+
+        def run(window, threshold):
+            patcher = easycache.LazyCacheNode.execute(self.bench.patcher, threshold, *window, False).result[0]
+            result = self.bench.measure(patcher, steps, sampler)
+            return full_calls / max(1, result.block_calls), result
+
+        window = LAZYCACHE_WINDOW
+        if run(window, 1e6)[0] <= target * (1 + 1e-3):       # only skipping all it may would reach the target
+            window = (0.0, 1.0)
+        threshold, _, result = calibrate_threshold(lambda th: run(window, th), target, low=1e-3, high=50.0,
+                                                   iters=8, exact=True)
+        return result, f"threshold {threshold:.4g}, window {window[0]:.0%}-{window[1]:.0%}"
+
+    def rows(self, steps: int, sampler: str, targets=TARGETS, log=print, methods=METHODS) -> list[Row]:
+        from procache_comfyui.procache_core.search import generic_pattern
+
+        n = len(self.bench.labels)
+        full = self.bench.measure(None, steps, sampler)
+        out = []
+
+        def add(target, method, setting, result, speedup, cache_bytes):
+            row = Row(steps, sampler, target, method, setting, speedup, cache_bytes / n)
+            scores = self.bench.score(result, None if method == "full compute" else full)
+            row.psnr, row.fd = scores.get("psnr", math.nan), scores["fd"]
+            out.append(row)
+            log(f"  {steps:>3} {sampler:<9} {target:>3g}x {method[:44]:<44} flops {speedup:5.2f}x  psnr {row.psnr:6.2f}  "
+                f"fd {row.fd:7.2f}  cache {row.cache_bytes_per_image / 1024:7.1f} KiB/image")
+
+        add(1, "full compute", f"{steps} steps", full, 1.0, 0)
+        for target in targets:
+            computed = full_steps(steps, target)
+            if FEWER in methods:
+                fewer = self.bench.measure(None, computed, sampler)
+                add(target, FEWER, f"{computed} steps", fewer, full.block_calls / fewer.block_calls, 0)
+            kinds = generic_pattern(steps, steps / computed)
+            for rows_, budget in ((BRANCH_ROWS, "unlimited"), (MODEL_ROWS, "minimal")):
+                for method, forecaster in rows_:
+                    if method in methods:
+                        result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", forecaster, budget)
+                        add(target, method, "".join(map(str, kinds)), result, result.flops_speedup, peak)
+            fast = fast_schedule(steps, target) if FAST_ROW in methods else None
+            if fast is not None:
+                result, peak = self.procache(steps, sampler, [int(k) for k in fast.kinds], fast.name, "taylor",
+                                             "unlimited")
+                add(target, FAST_ROW, fast.pattern, result, result.flops_speedup, peak)
+            if LAZYCACHE_ROW in methods:
+                result, setting = self.lazycache(steps, sampler, full.block_calls, steps / computed)
+                add(target, LAZYCACHE_ROW, setting, result, full.block_calls / max(1, result.block_calls),
+                    lazycache_bytes_per_image((16, LATENT_SIZE, LATENT_SIZE)) * n)
+        return out
+
+
+def merge(old: list[dict], new: list[Row]) -> list[dict]:
+    """`old` rows with those of `new` added, a new row replacing an old one of the same column and method."""
+    key = lambda r: (r["steps"], r["sampler"], r["target"], r["method"])
+    fresh = {key(dataclasses.asdict(r)): dataclasses.asdict(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + list(fresh.values())
+
+
+def markdown(rows: list[Row], commands: list[str], header: str) -> str:
+    lines = [header, "", "Commands (2-core CPU, no GPU, one torch thread):", ""]
+    lines += [f"    {c}" for c in commands] + [""]
+    lines += ["Each cell: PSNR against full compute (dB, higher is better) / FD as a multiple of full compute's "
+              "(lower is better; from few samples it ranks only roughly). Every row of a column computes the "
+              "block stack on the same number of steps; the FLOPs line gives the measured speedups of that "
+              "column's rows (min–max). Cache: bytes held between steps per image (both CFG streams for "
+              "ProCache), the run's peak. The model-level online row is the pack's model-level Chebyshev "
+              "forecaster: Spectrum-like in spirit, not a re-implementation of Spectrum (which forecasts the "
+              "final-block feature). LazyCache is ComfyUI's own node. The fast-schedule row exists only where "
+              "the pack ships a schedule (5x, 6x).", ""]
+    return "\n".join(lines + tables(rows, METHODS))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", default=None, help="a ComfyUI checkout (default: COMFYUI_PATH)")
+    parser.add_argument("--samples", type=int, default=10, help="images per row (labels 0..9 repeated)")
+    parser.add_argument("--steps", type=int, nargs="+", default=list(STEP_COUNTS))
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), help="ComfyUI sampler names")
+    parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="target speedups")
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",
+                        help=f"only these rows besides full compute (all: {', '.join(METHODS)})")
+    parser.add_argument("--rows", default=None,
+                        help="JSON file the rows are added to (default: frontier_flux.json in --out)")
+    add_out_option(parser)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from .reference_flux import load_comfy
+    version = load_comfy(args.comfyui)
+    started = time.perf_counter()
+    bench = FluxFrontier(args.samples)
+    rows = []
+    for steps in args.steps:
+        for sampler in args.samplers:
+            rows += bench.rows(steps, sampler, args.targets, methods=args.methods or METHODS)
+    command = "python -m benchmarks.frontier_flux " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    path = args.rows or report_path(args.out, "frontier_flux.json")
+    record = {"samples": args.samples, "commands": [], "rows": []}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        if record["samples"] != args.samples:
+            raise SystemExit(f"{path} holds rows of {record['samples']} samples, this run has {args.samples}: "
+                             f"give another --rows file")
+    record["rows"] = merge(record["rows"], rows)
+    record["commands"].append(f"{command.strip()}  # {(time.perf_counter() - started) / 60:.1f} min")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    header = (f"# Speed-quality frontier, reference Flux\n\nReference Flux (ComfyUI's Flux class trained on digits, "
+              f"256 image tokens) inside ComfyUI {version}, {args.samples} samples, CFG 2, simple scheduler, "
+              f"seed 0; ComfyUI's samplers.")
+    text = markdown([Row(**r) for r in record["rows"]], record["commands"], header)
+    with open(report_path(os.path.dirname(path) or ".", "frontier_flux.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
