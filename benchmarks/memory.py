@@ -287,6 +287,7 @@ class Workflow:
     schedule: Schedule
     note: str = ""
     precision: str = memory.DEFAULT_PRECISION
+    forecast: str = "none"      # "taylor 1": Apply's forecast input with nothing connected to replace it
 
 
 def shipped_workflows() -> list[Workflow]:
@@ -312,6 +313,9 @@ def shipped_workflows() -> list[Workflow]:
         force_last = any(i.get("force_last_full") for i in by_type("ProCacheApply"))
         precision = next((i["cache_precision"] for i in by_type("ProCacheApply") if "cache_precision" in i),
                          memory.DEFAULT_PRECISION)
+        # an unlinked forecaster and eoc leave the forecast to Apply's own input (older workflows: plain reuse)
+        forecast = next((i.get("forecast", "none") for i in by_type("ProCacheApply")
+                         if "forecaster" not in i and "eoc" not in i), "none")
         for sampler in samplers:
             start = int(sampler.get("start_at_step", 0))
             end = min(int(sampler.get("end_at_step", schedule.steps)), schedule.steps)
@@ -320,7 +324,7 @@ def shipped_workflows() -> list[Workflow]:
                 part = schedule.with_kinds([1] + [int(k) for k in schedule.kinds[start + 1:end]])
                 note = f"steps {start}-{end} of {schedule.steps}"
             found.append(Workflow(os.path.basename(path), model, size, streams,
-                                  part.windowed(0.0, 1.0, force_last), note, precision))
+                                  part.windowed(0.0, 1.0, force_last), note, precision, forecast))
     return found
 
 
@@ -351,7 +355,7 @@ def picks_table(results: list[Plans]) -> list[str]:
     lines = ["| model, size | forecast | " + " | ".join(f"{g} GiB free (budget {memory.AUTO_SHARE * g:.1f} GiB)"
                                                        for g in FREE_GIB) + " |", "|" + "---|" * (2 + len(FREE_GIB))]
     for p in results:
-        for key, label in (("plain", "plain reuse"), ("taylor2", "Taylor 2")):
+        for key, label in (("plain", "plain reuse"), ("taylor1", "Taylor 1 (Apply's default)"), ("taylor2", "Taylor 2")):
             lines.append(f"| {p.label} | {label} | " + " | ".join(pick_text(p.pick(key, g)) for g in FREE_GIB)
                          + " |")
     return lines
@@ -376,14 +380,14 @@ def estimate_table(results: list[Plans]) -> list[str]:
 
 
 def workflow_table(rows: list[tuple[Workflow, memory.CachePlan]]) -> list[str]:
-    lines = ["| workflow | model, size | streams | schedule (steps, selective) | rung at 24 GiB free | planned | "
-             "within 4 GiB |", "|" + "---|" * 7]
+    lines = ["| workflow | model, size | streams | schedule (steps, selective) | forecast | rung at 24 GiB free | "
+             "planned | within 4 GiB |", "|" + "---|" * 8]
     for wf, plan in rows:
         size = "x".join(map(str, wf.size))
         selective = sum(1 for k in wf.schedule.kinds if int(k) == 2)
         note = f" ({wf.note})" if wf.note else ""
         lines.append(f"| {wf.file}{note} | {wf.model} {size} | {wf.streams} | {wf.schedule.steps}, {selective} | "
-                     f"{plan.rung.describe(plan.num_blocks)} | {memory.format_bytes(plan.bytes)} | "
+                     f"{wf.forecast} | {plan.rung.describe(plan.num_blocks)} | {memory.format_bytes(plan.bytes)} | "
                      f"{'yes' if plan.bytes <= 4 * GIB else 'NO'} |")
     return lines
 
@@ -396,7 +400,7 @@ def load_comfy(path: str):
 
 
 def run_benchmark(log=print) -> dict:
-    forecasters = {"plain": None, "taylor2": TAYLOR}
+    forecasters = {"plain": None, "taylor1": Taylor(1), "taylor2": TAYLOR}
     results = []
     for case in CASES:
         results.append(plan_case(case.label, MODELS[case.model], case.size, case.streams,
@@ -405,8 +409,9 @@ def run_benchmark(log=print) -> dict:
         log(f"{case.label}: census in {p.seconds:.1f} s, {p.census.num_blocks} blocks")
     workflows = []
     for wf in shipped_workflows():
-        p = plan_case(wf.file, MODELS[wf.model], wf.size, wf.streams, wf.schedule, {"plain": None})
-        workflows.append((wf, p.pick("plain", 24, wf.precision)))
+        forecaster = Taylor(1) if wf.forecast == "taylor 1" else None
+        p = plan_case(wf.file, MODELS[wf.model], wf.size, wf.streams, wf.schedule, {wf.forecast: forecaster})
+        workflows.append((wf, p.pick(wf.forecast, 24, wf.precision)))
         log(f"{wf.file}: {pick_text(workflows[-1][1])}")
     return {"cases": results, "workflows": workflows}
 
@@ -431,7 +436,7 @@ def report(result: dict, command: str, version: str, seconds: float) -> str:
         "The estimate counts one value per branch, block and stream; the census also counts what selective steps "
         "keep: once per deep block (FLUX: the single blocks' attention outputs, since selective steps recompute only "
         "the MLP half of the fused linear), and with forecasting one offset per refreshed branch.", "", *estimate_table(cases), "",
-        "## Shipped workflows at 24 GiB free (auto budget, their own schedule and cache_precision, plain reuse)", "",
+        "## Shipped workflows at 24 GiB free (auto budget, their own schedule, cache_precision and forecast)", "",
         *workflow_table(result["workflows"]), ""]
     return "\n".join(parts)
 

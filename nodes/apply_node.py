@@ -8,12 +8,18 @@ from comfy_api.latest import io
 from ..procache_core import Schedule, ScheduleError, TokenSelector
 from ..procache_core.memory import AUTO_SHARE, DEFAULT_PRECISION, PRECISIONS, Budget, BudgetError
 from .eoc_node import EOC
-from .forecaster_node import FORECASTER
+from .forecaster_node import FORECASTER, default_forecaster
 from .runtime import ApplyConfig, attach, describe_model, double_caching_warning
 from .schedule_loader import SCHEDULE, describe
 from .selector_node import SELECTOR, SelectorConfig
 
 log = logging.getLogger("procache")
+
+# What cached steps do when neither a ProCache Forecaster nor an EOC Correction is connected.
+# "taylor 1" is ProCache Forecaster's default; "none" copies the latest value (half the cache).
+FORECAST_OPTIONS = ("taylor 1", "none")
+DEFAULT_FORECAST = "taylor 1"
+NOT_CONNECTED = object()        # the forecaster input's value when nothing is linked to it
 
 
 class ProCacheApply(io.ComfyNode):
@@ -57,15 +63,22 @@ class ProCacheApply(io.ComfyNode):
                                          "keep only that for the rest of the run when it is clearly closer to "
                                          "full compute than the granularity the budget gave. Helps most on "
                                          "small budgets with a forecaster; the report says what it measured."),
+                io.Combo.Input("forecast", options=list(FORECAST_OPTIONS), default=DEFAULT_FORECAST, optional=True,
+                               tooltip="What cached steps do when no ProCache Forecaster or EOC Correction is "
+                                       "connected. taylor 1: extrapolate each cached value along its change "
+                                       "between its last two full steps (under SDE and ancestral samplers, where "
+                                       "that overshoots, it reuses instead and the report says so). none: reuse "
+                                       "the latest value as computed (half the cache memory). A connected "
+                                       "Forecaster or EOC replaces this."),
                 SELECTOR.Input("selector", optional=True,
                                tooltip="From Token Importance Selector: which tokens selective steps recompute. "
                                        "Without it, selective steps refresh 10% of the tokens of the deepest 25% of blocks, by output norm."),
                 FORECASTER.Input("forecaster", optional=True,
-                                 tooltip="From ProCache Forecaster: cached steps extrapolate each branch from its "
-                                         "last full steps instead of copying the latest. Without it: plain reuse."),
+                                 tooltip="From ProCache Forecaster: how cached steps extrapolate each branch from "
+                                         "its last full steps. Without it: the forecast input above decides."),
                 EOC.Input("eoc", optional=True,
                           tooltip="From EOC Correction: reused branch outputs get the prior's change since they "
-                                  "were cached. Works with any schedule. Without it: plain reuse."),
+                                  "were cached. Works with any schedule. Replaces the forecast input above."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A copy of the input model that caches by the schedule. "
@@ -85,9 +98,9 @@ class ProCacheApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule, start_percent, end_percent, force_last_full, cache_on_cpu,
-                selector: SelectorConfig | None = None, forecaster=None, eoc=None,
+                selector: SelectorConfig | None = None, forecaster=NOT_CONNECTED, eoc=None,
                 memory_budget: str = "auto", cache_precision: str = DEFAULT_PRECISION,
-                check_model_level: bool = False) -> io.NodeOutput:
+                check_model_level: bool = False, forecast: str = DEFAULT_FORECAST) -> io.NodeOutput:
         if not isinstance(schedule, Schedule):     # a node of another pack on a loosely typed link
             raise ScheduleError(f"the schedule input got {type(schedule).__name__}: connect ProCache Schedule Loader")
         if start_percent > end_percent:
@@ -96,6 +109,13 @@ class ProCacheApply(io.ComfyNode):
             budget = Budget.parse(memory_budget)
         except BudgetError as e:
             raise BudgetError(f"ProCache Apply, memory_budget: {e}") from None
+        if forecast not in FORECAST_OPTIONS:
+            raise ValueError(f"ProCache Apply, forecast: {forecast!r} is not one of {', '.join(FORECAST_OPTIONS)}")
+        # a Forecaster set to reuse sends None over its link: connected, so the default does not apply
+        default_forecast = forecaster is NOT_CONNECTED and eoc is None and forecast == "taylor 1"
+        forecaster = None if forecaster is NOT_CONNECTED else forecaster
+        if default_forecast:
+            forecaster = default_forecaster()
         selector = selector or SelectorConfig(TokenSelector(), 0.25)
         config = ApplyConfig(schedule=schedule, start_percent=start_percent, end_percent=end_percent,
                              force_last_full=force_last_full, selector=selector.tokens,
@@ -113,8 +133,13 @@ class ProCacheApply(io.ComfyNode):
         if warning:
             log.warning("ProCache: %s", warning)
             report = f"WARNING: {warning}\n{report}"
-        if forecaster is not None:
+        if default_forecast:
+            report += (f"\nforecast: {forecaster.describe()} (Apply's forecast input; set it to none for plain "
+                       "reuse, or connect a ProCache Forecaster)")
+        elif forecaster is not None:
             report += f"\nforecast: {forecaster.describe()}"
+        else:
+            report += "\nforecast: none (cached steps reuse the latest values)" if eoc is None else ""
         if eoc is not None:
             report += f"\n{eoc.describe()}"
         if forecaster is not None and eoc is not None:

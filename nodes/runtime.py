@@ -313,7 +313,8 @@ def plan_cache(run: Run, request: PlanRequest, diffusion_model, sigma: float, st
 # On the reference DiT at R = 2 (50 steps, about 3x) plain reuse lands below fewer steps at the same
 # FLOPs and Taylor 1 well above it (benchmarks/results/memory_quality.md).
 SMALL_BUDGET_ADVICE = ("small cache budget: no block keeps its branches, so plain reuse copies whole residuals; "
-                       "a ProCache Forecaster (taylor, order 1) extrapolates them instead and lands much closer "
+                       "Apply's forecast input at taylor 1 (its default), or a ProCache Forecaster, extrapolates "
+                       "them instead and lands much closer "
                        "to full compute at the same speed (reference DiT, 2 residuals: 44 dB against 38)")
 
 

@@ -212,7 +212,8 @@ class ProCacheScheduleSearch(io.ComfyNode):
                 FORECASTER.Input("forecaster", optional=True,
                                  tooltip="From ProCache Forecaster: candidates run with it, so the schedule is "
                                          "searched for the forecaster it will be used with (connect the same one "
-                                         "to ProCache Apply). Without it: candidates run with plain reuse."),
+                                         "to ProCache Apply). Without it: candidates run with plain reuse, which "
+                                         "Apply runs when its forecast input is none."),
             ],
             outputs=[
                 SCHEDULE.Output(display_name="schedule", tooltip="The searched schedule; connect to ProCache Apply."),
@@ -286,7 +287,8 @@ class ProCacheScheduleSearch(io.ComfyNode):
         provenance = (f"searched by ProCache Schedule Search on {model_name} ({sampler_name}/{scheduler}, {steps} steps, "
                       f"CFG {cfg:g}, seeds {runner.seeds[0]}..{runner.seeds[-1]}, {date}): error {final.error:.4g} "
                       f"vs full compute{uniform_text}; {constraints.full_steps} full steps"
-                      + (f"; candidates ran with {forecaster.describe()}, use it with the same" if forecaster else ""))
+                      + (f"; candidates ran with {forecaster.describe()}, use it with the same" if forecaster else
+                         "; candidates ran with plain reuse: set ProCache Apply's forecast to none to run it as searched"))
         notes = [f"{len(result.candidates)} candidates sampled"
                  + (f", the best by prediction of {len(result.pool)} pre-ranked from the full-compute runs"
                     if result.pool else ", drawn at random (CASS)")]

@@ -162,4 +162,6 @@ def test_a_connected_forecaster_is_what_the_candidates_run_with(pack, inputs):
     assert "forecaster" not in plain_doc["search"]["settings"]          # stored results from before stay valid
     assert taylor_doc["search"]["settings"]["forecaster"] == "Taylor order 1"
     assert "candidates ran with Taylor order 1" in taylor_doc["provenance"]
+    # Apply forecasts by default, so a schedule searched with plain reuse says how to run it as searched
+    assert "plain reuse: set ProCache Apply's forecast to none" in plain_doc["provenance"]
     assert taylor_doc["search"]["error"] != plain_doc["search"]["error"]

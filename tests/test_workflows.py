@@ -614,6 +614,35 @@ def test_comfy_workflow_runs_end_to_end_with_tiny_models(tiny_models, stem, monk
         assert run["counts"]["reuse"] > 0 and actual.count("F") < len(actual)
 
 
+def test_comfy_apply_forecasts_with_taylor_1_unless_a_connected_node_or_its_input_says_otherwise(tiny_models):
+    """Apply's forecast input through ComfyUI's own executor (which leaves an unlinked optional input
+    out): with nothing linked, "taylor 1" runs what a linked ProCache Forecaster set to taylor 1 runs,
+    and an API prompt that predates the input gets the same; "none", and a linked Forecaster set to
+    reuse (its link carries None), run plain reuse."""
+    import torch
+    prompt = tiny_graph(_load(os.path.join(ROOT, "workflows", "api", "procache_pixart_sigma_t2i.json")),
+                        "pixart_sigma")
+    apply_id = next(k for k, n in prompt.items() if n["class_type"] == "ProCacheApply")
+
+    def run(forecast=None, linked_source=None):
+        graph = json.loads(json.dumps(prompt))
+        inputs = graph[apply_id]["inputs"]
+        inputs.pop("forecast")
+        if forecast is not None:
+            inputs["forecast"] = forecast
+        if linked_source is not None:
+            graph["900"] = {"class_type": "ProCacheForecaster", "inputs": {"source": linked_source}}
+            inputs["forecaster"] = ["900", 0]
+        return run_graph(graph)
+
+    taylor = run("taylor 1")
+    plain = run("none")
+    assert not torch.equal(taylor, plain), "the default forecast computed what plain reuse did"
+    assert torch.equal(run(), taylor)                                    # an older API prompt: the default
+    assert torch.equal(run("none", linked_source="taylor 1"), taylor)    # the linked node decides
+    assert torch.equal(run("taylor 1", linked_source="reuse (no forecast)"), plain)
+
+
 def test_comfy_pack_nodes_are_namespaced_and_documented(infos):
     """What the node library shows: ids and categories under ProCache, a description, and a
     tooltip on every input and output."""

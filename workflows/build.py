@@ -28,9 +28,11 @@ from procache_core import Schedule, parse_pattern, uniform  # noqa: E402
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 EXAMPLE_ROUTER = "router_bench_T20_paper_credit_beta5e-08.safetensors"     # drawn on the router template's card
 HF = "https://huggingface.co"
-# Every shipped workflow plans within 4 GiB of cache at 24 GiB free with the auto budget
-# (benchmarks/memory.py); the run's plan is in its report.
-MEMORY_DEFAULTS = {"memory_budget": "auto", "cache_precision": "8-bit when needed", "check_model_level": False}
+# Apply's defaults, written out so a shared workflow keeps them if the defaults change. Every shipped
+# workflow plans within 4 GiB of cache at 24 GiB free with the auto budget (benchmarks/memory.py);
+# the run's plan is in its report.
+APPLY_DEFAULTS = {"memory_budget": "auto", "cache_precision": "8-bit when needed", "check_model_level": False,
+                  "forecast": "taylor 1"}
 
 
 def library(name: str) -> Schedule:
@@ -78,10 +80,11 @@ def procache_chain(g: Graph, model_link, schedule: Schedule, x: int, y: int, ste
     """Loader + Apply; `eoc(loader_id)` may add nodes and return the link for Apply's `eoc` input."""
     loader = g.add("ProCacheScheduleLoader", (x, y + 200), size=(340, 260), source="typed pattern",
                    pattern=schedule_text(schedule), interval=3, steps=steps, selective=False)
-    extra = {"eoc": eoc(loader)} if eoc is not None else {}
+    # an EOC correction replaces the forecast: say so in the widget too
+    extra = {"eoc": eoc(loader), "forecast": "none"} if eoc is not None else {}
     return g.add("ProCacheApply", (x + 370, y), size=(300, 230), model=model_link, schedule=out(loader),
                  start_percent=0.0, end_percent=1.0, force_last_full=force_last_full, cache_on_cpu=cache_on_cpu,
-                 **MEMORY_DEFAULTS, **extra)
+                 **{**APPLY_DEFAULTS, **extra})
 
 
 def image_tail(g: Graph, latent_link, vae_link, x: int, y: int, prefix: str) -> None:
@@ -172,7 +175,7 @@ def pixart_sigma_router() -> Graph:
                    tau=0.1, lambda_period=300, lambda_mode="paper", resume=True, save_name="", router="",
                    max_reuse=0, refresh_credit=True)
     apply = g.add("ProCacheApply", (850, 0), size=(300, 230), model=out(unet), schedule=out(router),
-                  start_percent=0.0, end_percent=1.0, force_last_full=False, cache_on_cpu=False, **MEMORY_DEFAULTS)
+                  start_percent=0.0, end_percent=1.0, force_last_full=False, cache_on_cpu=False, **APPLY_DEFAULTS)
     sampler = g.add("KSampler", (1160, 0), size=(320, 262), model=out(apply), positive=out(pos), negative=out(neg),
                     latent_image=out(latent), seed=42, control_after_generate="fixed", steps=steps, cfg=cfg,
                     sampler_name=sampler_name, scheduler=scheduler, denoise=1.0)
@@ -335,10 +338,10 @@ def wan22() -> Graph:
                    pattern=schedule_text(schedule), interval=3, steps=steps, selective=False)
     apply_high = g.add("ProCacheApply", (830, 0), size=(300, 230), title="ProCache Apply (high noise)",
                        model=out(shift_high), schedule=out(loader), start_percent=0.0, end_percent=1.0,
-                       force_last_full=False, cache_on_cpu=False, **MEMORY_DEFAULTS)
+                       force_last_full=False, cache_on_cpu=False, **APPLY_DEFAULTS)
     apply_low = g.add("ProCacheApply", (830, 500), size=(300, 230), title="ProCache Apply (low noise)",
                       model=out(shift_low), schedule=out(loader), start_percent=0.0, end_percent=1.0,
-                      force_last_full=False, cache_on_cpu=False, **MEMORY_DEFAULTS)
+                      force_last_full=False, cache_on_cpu=False, **APPLY_DEFAULTS)
     first = g.add("KSamplerAdvanced", (1160, 0), size=(320, 334), title="KSampler (high noise)",
                   model=out(apply_high), positive=out(pos), negative=out(neg), latent_image=out(latent),
                   add_noise="enable", noise_seed=42, control_after_generate="fixed", steps=steps, cfg=3.5,
