@@ -16,7 +16,12 @@ block stack on B = round(steps / S) steps (frontier.full_steps), so their FLOPs 
                                 Chebyshev forecaster. The latter is Spectrum-like in spirit (a
                                 Chebyshev basis fitted online over the run's own full steps) but is
                                 not a re-implementation of Spectrum, which forecasts the final-block
-                                feature.
+                                feature. With the frequency split (procache_core/frequency.py: the low
+                                spatial frequencies forecast, the high ones reused), Taylor 1 on one
+                                residual is FreqCa-like in the same sense.
+    ProCache Taylor 1 + model-level check
+                                branch level with Apply's check_model_level on: the run measures
+                                whether one model-level residual lands closer and switches to it
     ProCache fast schedule + Taylor 1   at 5x and 6x, schedules/procache-fast-<steps>-<x>x.json
     LazyCache (ComfyUI)         ComfyUI's own LazyCache node, its threshold bisected on this very run
                                 until it runs B steps' worth of transformer blocks (FLOPs only are
@@ -52,11 +57,16 @@ STEP_COUNTS = (50, 20)
 SAMPLERS = ("euler", "dpmpp_2m")
 FEWER = "fewer steps"
 BRANCH_ROWS = (("ProCache reuse", None), ("ProCache Taylor 1", "taylor"), ("ProCache online (Chebyshev)", "online"))
+CHECK_ROW = "ProCache Taylor 1 + model-level check"     # branch level, Apply's check_model_level on
 MODEL_ROWS = (("ProCache model-level residual + Taylor 1", "taylor"),
-              ("ProCache model-level residual + online Chebyshev (Spectrum-like, not Spectrum)", "online"))
+              ("ProCache model-level residual + online Chebyshev (Spectrum-like, not Spectrum)", "online"),
+              ("ProCache model-level residual + Taylor 1 + frequency split (FreqCa-like, not FreqCa)", "taylor split"))
+# The split's cutoff on the 16x16 token grid: frequencies up to half of Nyquist are forecast.
+FREQUENCY_CUTOFF = 0.5
 FAST_ROW = "ProCache fast schedule + Taylor 1"
 LAZYCACHE_ROW = "LazyCache (ComfyUI node)"
-METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + tuple(n for n, _ in MODEL_ROWS) + (FAST_ROW, LAZYCACHE_ROW)
+METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + (CHECK_ROW,) + tuple(n for n, _ in MODEL_ROWS) + (FAST_ROW,
+                                                                                                    LAZYCACHE_ROW)
 LAZYCACHE_WINDOW = (0.15, 0.95)      # the node's default start_percent and end_percent
 LAZYCACHE_SUBSAMPLE = 8              # the node's subsample_factor
 
@@ -75,16 +85,18 @@ class FluxFrontier:
 
     def forecaster(self, kind):
         from procache_comfyui.procache_core.forecast import Online, Taylor
-        return {None: lambda: None, "taylor": lambda: Taylor(1), "online": lambda: Online()}[kind]()
+        return {None: lambda: None, "taylor": lambda: Taylor(1), "online": lambda: Online(),
+                "taylor split": lambda: Taylor(1).with_frequency_split(FREQUENCY_CUTOFF)}[kind]()
 
-    def procache(self, steps, sampler, kinds, name, forecaster, budget):
+    def procache(self, steps, sampler, kinds, name, forecaster, budget, check_model_level=False):
         """(Measured, cache bytes peak) of ProCache Apply on a schedule of `kinds`."""
         from procache_comfyui.nodes.runtime import LAST_RUNS, ApplyConfig, attach
         from procache_comfyui.procache_core import Schedule
         from procache_comfyui.procache_core.memory import Budget
 
         config = ApplyConfig(schedule=Schedule(kinds=tuple(kinds), name=name), forecaster=self.forecaster(forecaster),
-                             budget=Budget.parse(budget), cache_precision="model dtype")
+                             budget=Budget.parse(budget), cache_precision="model dtype",
+                             check_model_level=check_model_level)
         result = self.bench.measure(attach(self.bench.patcher, config), steps, sampler)
         return result, LAST_RUNS.latest()["cache_bytes_peak"]
 
@@ -131,6 +143,10 @@ class FluxFrontier:
                     if method in methods:
                         result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", forecaster, budget)
                         add(target, method, "".join(map(str, kinds)), result, result.flops_speedup, peak)
+                if rows_ is BRANCH_ROWS and CHECK_ROW in methods:
+                    result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", budget,
+                                                 check_model_level=True)
+                    add(target, CHECK_ROW, "".join(map(str, kinds)), result, result.flops_speedup, peak)
             fast = fast_schedule(steps, target) if FAST_ROW in methods else None
             if fast is not None:
                 result, peak = self.procache(steps, sampler, [int(k) for k in fast.kinds], fast.name, "taylor",
@@ -159,7 +175,8 @@ def markdown(rows: list[Row], commands: list[str], header: str) -> str:
               "column's rows (min–max). Cache: bytes held between steps per image (both CFG streams for "
               "ProCache), the run's peak. The model-level online row is the pack's model-level Chebyshev "
               "forecaster: Spectrum-like in spirit, not a re-implementation of Spectrum (which forecasts the "
-              "final-block feature). LazyCache is ComfyUI's own node. The fast-schedule row exists only where "
+              "final-block feature); with the frequency split it is FreqCa-like in the same sense. The "
+              "model-level check row is branch level with Apply's check_model_level on. LazyCache is ComfyUI's own node. The fast-schedule row exists only where "
               "the pack ships a schedule (5x, 6x).", ""]
     return "\n".join(lines + tables(rows, METHODS))
 
