@@ -19,6 +19,11 @@ block stack on B = round(steps / S) steps (frontier.full_steps), so their FLOPs 
                                 feature. With the frequency split (procache_core/frequency.py: the low
                                 spatial frequencies forecast, the high ones reused), Taylor 1 on one
                                 residual is FreqCa-like in the same sense.
+    ProCache Taylor 1, granularity chosen on calibration images
+                                Schedule Search's rule (search.prefer_model_level): Taylor 1 at branch
+                                level and with one model-level residual on 5 calibration images (seed
+                                1000, never the reported ones), the one clearly closer to full compute
+                                kept for the reported images
     ProCache Taylor 1 + model-level check
                                 branch level with Apply's check_model_level on: the run measures
                                 whether one model-level residual lands closer and switches to it
@@ -51,6 +56,7 @@ from .baselines import calibrate_threshold
 from .frontier import Row, fast_schedule, full_steps, tables
 from .output import add_out_option, report_path
 from .reference_flux import LATENT_SIZE
+from .reference_flux_bench import CALIBRATION_SEED, SEED
 
 TARGETS = (2, 3, 4, 5, 6)
 STEP_COUNTS = (50, 20)
@@ -58,6 +64,7 @@ SAMPLERS = ("euler", "dpmpp_2m")
 FEWER = "fewer steps"
 BRANCH_ROWS = (("ProCache reuse", None), ("ProCache Taylor 1", "taylor"), ("ProCache online (Chebyshev)", "online"))
 CHECK_ROW = "ProCache Taylor 1 + model-level check"     # branch level, Apply's check_model_level on
+CHOSEN_ROW = "ProCache Taylor 1, granularity chosen on calibration images"    # Schedule Search's rule
 MODEL_ROWS = (("ProCache model-level residual + Taylor 1", "taylor"),
               ("ProCache model-level residual + online Chebyshev (Spectrum-like, not Spectrum)", "online"),
               ("ProCache model-level residual + Taylor 1 + frequency split (FreqCa-like, not FreqCa)", "taylor split"))
@@ -65,8 +72,8 @@ MODEL_ROWS = (("ProCache model-level residual + Taylor 1", "taylor"),
 FREQUENCY_CUTOFF = 0.5
 FAST_ROW = "ProCache fast schedule + Taylor 1"
 LAZYCACHE_ROW = "LazyCache (ComfyUI node)"
-METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + (CHECK_ROW,) + tuple(n for n, _ in MODEL_ROWS) + (FAST_ROW,
-                                                                                                    LAZYCACHE_ROW)
+METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + (CHECK_ROW, CHOSEN_ROW) + tuple(n for n, _ in MODEL_ROWS) \
+    + (FAST_ROW, LAZYCACHE_ROW)
 LAZYCACHE_WINDOW = (0.15, 0.95)      # the node's default start_percent and end_percent
 LAZYCACHE_SUBSAMPLE = 8              # the node's subsample_factor
 
@@ -88,7 +95,8 @@ class FluxFrontier:
         return {None: lambda: None, "taylor": lambda: Taylor(1), "online": lambda: Online(),
                 "taylor split": lambda: Taylor(1).with_frequency_split(FREQUENCY_CUTOFF)}[kind]()
 
-    def procache(self, steps, sampler, kinds, name, forecaster, budget, check_model_level=False):
+    def procache(self, steps, sampler, kinds, name, forecaster, budget, check_model_level=False, labels=None,
+                 seed=SEED):
         """(Measured, cache bytes peak) of ProCache Apply on a schedule of `kinds`."""
         from procache_comfyui.nodes.runtime import LAST_RUNS, ApplyConfig, attach
         from procache_comfyui.procache_core import Schedule
@@ -97,8 +105,22 @@ class FluxFrontier:
         config = ApplyConfig(schedule=Schedule(kinds=tuple(kinds), name=name), forecaster=self.forecaster(forecaster),
                              budget=Budget.parse(budget), cache_precision="model dtype",
                              check_model_level=check_model_level)
-        result = self.bench.measure(attach(self.bench.patcher, config), steps, sampler)
+        result = self.bench.measure(attach(self.bench.patcher, config), steps, sampler, labels, seed)
         return result, LAST_RUNS.latest()["cache_bytes_peak"]
+
+    def chosen_granularity(self, steps, sampler, kinds, name, calibration_full) -> tuple[str, str]:
+        """(budget, setting text): Schedule Search's rule (search.prefer_model_level) on the
+        calibration images: branch level against one model-level residual, both with Taylor 1."""
+        from procache_comfyui.procache_core.search import output_error, prefer_model_level
+        errors = {}
+        for budget in ("unlimited", "minimal"):
+            result, _ = self.procache(steps, sampler, kinds, name, "taylor", budget, labels=self.bench.cal_labels,
+                                      seed=CALIBRATION_SEED)
+            errors[budget] = output_error(result.images, calibration_full.images)
+        model_level = prefer_model_level(errors["unlimited"], errors["minimal"])
+        return ("minimal" if model_level else "unlimited",
+                f"{'model level' if model_level else 'branch level'} (calibration error: branch "
+                f"{errors['unlimited']:.3g}, model level {errors['minimal']:.3g})")
 
     def lazycache(self, steps, sampler, full_calls, target):
         """(Measured, setting) of ComfyUI's LazyCache with its threshold bisected to `target` block work."""
@@ -132,6 +154,7 @@ class FluxFrontier:
                 f"fd {row.fd:7.2f}  cache {row.cache_bytes_per_image / 1024:7.1f} KiB/image")
 
         add(1, "full compute", f"{steps} steps", full, 1.0, 0)
+        calibration_full = None         # full compute on the calibration images, when a row needs it
         for target in targets:
             computed = full_steps(steps, target)
             if FEWER in methods:
@@ -143,6 +166,14 @@ class FluxFrontier:
                     if method in methods:
                         result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", forecaster, budget)
                         add(target, method, "".join(map(str, kinds)), result, result.flops_speedup, peak)
+                if rows_ is BRANCH_ROWS and CHOSEN_ROW in methods:
+                    if calibration_full is None:
+                        calibration_full = self.bench.measure(None, steps, sampler, self.bench.cal_labels,
+                                                              CALIBRATION_SEED)
+                    chosen, setting = self.chosen_granularity(steps, sampler, kinds, f"generic-{computed}",
+                                                              calibration_full)
+                    result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", chosen)
+                    add(target, CHOSEN_ROW, setting, result, result.flops_speedup, peak)
                 if rows_ is BRANCH_ROWS and CHECK_ROW in methods:
                     result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", budget,
                                                  check_model_level=True)
@@ -176,7 +207,8 @@ def markdown(rows: list[Row], commands: list[str], header: str) -> str:
               "ProCache), the run's peak. The model-level online row is the pack's model-level Chebyshev "
               "forecaster: Spectrum-like in spirit, not a re-implementation of Spectrum (which forecasts the "
               "final-block feature); with the frequency split it is FreqCa-like in the same sense. The "
-              "model-level check row is branch level with Apply's check_model_level on. LazyCache is ComfyUI's own node. The fast-schedule row exists only where "
+              "model-level check row is branch level with Apply's check_model_level on; the calibration row "
+              "applies Schedule Search's granularity rule on 5 calibration images and says what it chose. LazyCache is ComfyUI's own node. The fast-schedule row exists only where "
               "the pack ships a schedule (5x, 6x).", ""]
     return "\n".join(lines + tables(rows, METHODS))
 

@@ -25,6 +25,7 @@ from comfy_api.latest import io
 
 from . import events
 from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
+from ..procache_core.schedule import MODEL_LEVEL
 from ..procache_core.families import is_unet
 from ..procache_core.memory import AUTO_SHARE, DEFAULT_PRECISION, PRECISIONS, Budget, format_bytes
 
@@ -196,7 +197,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     user_callback = args[_CALLBACK] if len(args) > _CALLBACK else kwargs.get("callback")
     run = start_run(config, guider.model_patcher, sigmas)
     if config.budget is not None and config.recorder is None:     # calibration runs keep every branch
-        run.plan_request = PlanRequest(config.budget, config.cache_precision, cfg_streams(guider))
+        budget = config.budget
+        if config.schedule.granularity == MODEL_LEVEL and budget.kind == "auto":
+            budget = Budget("minimal")
+            run.stats.notes.append(SEARCHED_MODEL_LEVEL)
+        run.plan_request = PlanRequest(budget, config.cache_precision, cfg_streams(guider))
     sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
     sampler_function = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
     run.clock.corrector_at_next_sigma = sampler_function in CORRECTOR_AT_NEXT_SIGMA
@@ -312,6 +317,9 @@ def plan_cache(run: Run, request: PlanRequest, diffusion_model, sigma: float, st
 
 # On the reference DiT at R = 2 (50 steps, about 3x) plain reuse lands below fewer steps at the same
 # FLOPs and Taylor 1 well above it (benchmarks/results/memory_quality.md).
+SEARCHED_MODEL_LEVEL = ("granularity from the schedule: its search measured one model-level residual clearly "
+                        "closer to full compute than branch level, so the cache keeps only that (memory_budget "
+                        "auto; any other budget decides for itself)")
 SMALL_BUDGET_ADVICE = ("small cache budget: no block keeps its branches, so plain reuse copies whole residuals; "
                        "Apply's forecast input at taylor 1 (its default), or a ProCache Forecaster, extrapolates "
                        "them instead and lands much closer "

@@ -18,6 +18,8 @@ def describe(schedule: Schedule) -> str:
         text += f"\nfrom: {schedule.provenance}"
     for note in schedule.notes:
         text += f"\nnote: {note}"
+    if schedule.granularity:
+        text += (f"\ngranularity: {schedule.granularity} (measured by its search; applies with memory_budget auto)")
     return text
 
 

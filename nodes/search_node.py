@@ -24,7 +24,9 @@ from PIL import Image, ImageDraw
 
 from ..procache_core import Schedule, ScheduleError
 from ..procache_core.profiling import FeatureProfile, step_weights
-from ..procache_core.search import SearchConstraints, count_partitions, search
+from ..procache_core.memory import Budget
+from ..procache_core.schedule import MODEL_LEVEL
+from ..procache_core.search import SearchConstraints, count_partitions, output_error, prefer_model_level, search
 from . import library
 from .forecaster_node import FORECASTER
 from .runtime import ApplyConfig, attach, describe_model
@@ -91,9 +93,12 @@ class SeedRunner:
             hook.remove()
         return outputs
 
-    def scheduled(self, pattern) -> list[torch.Tensor]:
+    def scheduled(self, pattern, model_level: bool = False) -> list[torch.Tensor]:
+        """Outputs of every seed with `pattern`: branch level (no budget), or with model_level one
+        model-level residual for the whole block stack (budget minimal)."""
         schedule = Schedule(kinds=tuple(pattern), name="search candidate")
-        patched = attach(self.model, ApplyConfig(schedule=schedule, forecaster=self.forecaster))
+        patched = attach(self.model, ApplyConfig(schedule=schedule, forecaster=self.forecaster,
+                                                 budget=Budget("minimal") if model_level else None))
         return [self._sample(patched, seed).float().cpu() for seed in self.seeds]
 
 
@@ -158,7 +163,9 @@ class ProCacheScheduleSearch(io.ComfyNode):
             display_name="ProCache Schedule Search",
             category="ProCache/schedules",
             description="Searches a caching schedule for this model, sampler and prompt: candidate schedules under "
-                        "a budget are sampled on a few seeds and the one closest to full compute is kept.",
+                        "a budget are sampled on a few seeds and the one closest to full compute is kept. The "
+                        "winner then runs once more with one model-level residual; where that lands clearly "
+                        "closer, the schedule says so and ProCache Apply (memory_budget auto) keeps only it.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to search a schedule for (not changed)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
@@ -260,7 +267,7 @@ class ProCacheScheduleSearch(io.ComfyNode):
                                  ui={"text": [report], "pattern": [stored.pattern], "searched": [searched]})
         space = count_partitions(constraints)
         pool = min(prerank_pool, space)
-        runs = 1 + min(candidates, space) + 1 + (1 if selective else 0)
+        runs = 1 + min(candidates, space) + 1 + (1 if selective else 0) + 1    # the last: model level
         pbar = comfy.utils.ProgressBar(runs * seeds * steps)
 
         def on_step():
@@ -277,9 +284,13 @@ class ProCacheScheduleSearch(io.ComfyNode):
         result = search(constraints, runner.scheduled, reference, count=candidates, seed=seed,
                         profile=profile if profile.ready else None, pool=pool, selective=selective,
                         full_seconds=full_seconds)
+        final = result.final
+        # the calibration the search already ran decides the granularity too: the winner once more
+        # with one model-level residual, against the same full-compute outputs
+        model_level_error = output_error(runner.scheduled(final.pattern, model_level=True), reference)
+        granularity = MODEL_LEVEL if prefer_model_level(final.error, model_level_error) else ""
         pbar.update_absolute(pbar.total)
 
-        final = result.final
         model_name = type(model.model.model_config).__name__
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         name = save_name or f"search-{model_name.lower()}-{steps}-{constraints.full_steps}full"
@@ -291,14 +302,18 @@ class ProCacheScheduleSearch(io.ComfyNode):
                          "; candidates ran with plain reuse: set ProCache Apply's forecast to none to run it as searched"))
         notes = [f"{len(result.candidates)} candidates sampled"
                  + (f", the best by prediction of {len(result.pool)} pre-ranked from the full-compute runs"
-                    if result.pool else ", drawn at random (CASS)")]
+                    if result.pool else ", drawn at random (CASS)"),
+                 f"one model-level residual: error {model_level_error:.4g} against {final.error:.4g} at branch level, "
+                 + ("so the cache keeps only that under memory_budget auto" if granularity else
+                    "so the memory budget picks the granularity as usual")]
         schedule = Schedule(kinds=final.pattern, name=name, family=mode, sampler=f"{sampler_name}/{scheduler}",
-                            provenance=provenance, notes=tuple(notes))
+                            provenance=provenance, notes=tuple(notes), granularity=granularity)
         metadata = {"search": {
             "model": model_name, "family": mode, "sampler": sampler_name, "scheduler": scheduler, "steps": steps,
             "cfg": cfg, "seeds": runner.seeds, "date": date, "error": final.error,
             "error_metric": "relative MSE of final latents vs full compute, mean over seeds",
             "uniform_error": result.uniform.error if result.uniform else None,
+            "model_level_error": model_level_error,
             "theoretical_speedup": round(schedule.theoretical_speedup(), 4),
             "measured_speedup": round(result.speedup(final), 4),
             "full_steps": constraints.full_steps, "min_interval": constraints.min_interval,

@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 
 FORMAT_NAME = "procache.schedule"
 FORMAT_VERSION = 1
+MODEL_LEVEL = "model level"
+GRANULARITIES = ("", MODEL_LEVEL)
 MAX_STEPS = 10_000          # a schedule longer than this is a typo or an attack, not a sampler run
 MAX_DOCUMENT_BYTES = 4 << 20
 
@@ -51,6 +53,10 @@ class Schedule:
     provenance: str = ""
     notes: tuple[str, ...] = ()
     units: tuple[tuple[bool, ...], ...] | None = None
+    # "" lets ProCache Apply's memory budget pick the granularity; MODEL_LEVEL: a search measured one
+    # model-level residual clearly closer to full compute than branch level, so under the auto
+    # budget the cache keeps only that (an explicit budget still decides for itself)
+    granularity: str = ""
 
     def __post_init__(self):
         kinds = tuple(self.kinds)
@@ -71,6 +77,9 @@ class Schedule:
             if len({len(row) for row in units}) != 1:
                 raise ScheduleError("every row of the unit table needs the same number of units")
             object.__setattr__(self, "units", units)
+        if self.granularity not in GRANULARITIES:
+            raise ScheduleError(f"'granularity' must be one of {', '.join(map(repr, GRANULARITIES))}, "
+                                f"got {self.granularity!r}")
 
     # ---- reading -------------------------------------------------------------------------
     @property
@@ -176,6 +185,8 @@ class Schedule:
             doc["notes"] = list(self.notes)
         if self.units is not None:
             doc["units"] = ["".join("1" if u else "0" for u in row) for row in self.units]
+        if self.granularity:        # written only when set: files without it read as before
+            doc["granularity"] = self.granularity
         return doc
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -211,14 +222,14 @@ class Schedule:
         notes = doc.get("notes", [])
         if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise ScheduleError(f"{where}: 'notes' must be a list of strings")
-        text = {key: doc.get(key, "") for key in ("name", "family", "sampler", "provenance")}
+        text = {key: doc.get(key, "") for key in ("name", "family", "sampler", "provenance", "granularity")}
         for key, value in text.items():
             if not isinstance(value, str):
                 raise ScheduleError(f"{where}: '{key}' must be a string")
         try:
             return cls(kinds=tuple(pattern), name=text["name"] or "custom", family=text["family"] or "any",
                        sampler=text["sampler"], provenance=text["provenance"],
-                       notes=tuple(notes), units=units)
+                       notes=tuple(notes), units=units, granularity=text["granularity"])
         except ScheduleError as e:
             raise ScheduleError(f"{where}: {e}") from None
 

@@ -172,6 +172,19 @@ def output_error(outputs, reference) -> float:
     return sum(errors) / len(errors)
 
 
+# One model-level residual replaces branch level only when its measured error is at most this share
+# of branch level's: a tie keeps branch level (selective steps and the finer rungs need it), and a
+# few seeds' errors differ by chance.
+MODEL_LEVEL_SHARE = 0.8
+
+
+def prefer_model_level(branch_error: float, model_error: float) -> bool:
+    """Whether a schedule's measured model-level error (one residual for the whole block stack) is
+    clearly below its branch-level error, both against the same full-compute outputs. On the trained
+    reference Flux with Taylor 1 at 5x it is (about 11 dB closer); on the reference DiT it is not."""
+    return math.isfinite(model_error) and model_error <= MODEL_LEVEL_SHARE * branch_error
+
+
 @dataclasses.dataclass
 class Candidate:
     pattern: tuple[int, ...]

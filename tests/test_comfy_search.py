@@ -165,3 +165,60 @@ def test_a_connected_forecaster_is_what_the_candidates_run_with(pack, inputs):
     # Apply forecasts by default, so a schedule searched with plain reuse says how to run it as searched
     assert "plain reuse: set ProCache Apply's forecast to none" in plain_doc["provenance"]
     assert taylor_doc["search"]["error"] != plain_doc["search"]["error"]
+
+
+def test_search_measures_one_model_level_residual_on_its_calibration_and_keeps_the_choice(pack, inputs, monkeypatch):
+    """After the search, the winner runs once more with one model-level residual; the measured error
+    travels in the searched text, and where it is clearly lower the schedule says model level."""
+    from procache_comfyui.nodes import runtime
+    from procache_comfyui.procache_core import Schedule
+    from procache_comfyui.procache_core.schedule import MODEL_LEVEL
+    from procache_comfyui.procache_core.search import output_error
+    out = _search(pack, inputs, selective=False, prerank_pool=0, candidates=2)
+    schedule = out.args[0]
+    meta = json.loads(out.ui["searched"][0])["search"]
+    model_error = meta["model_level_error"]
+    assert 0 < model_error and model_error != meta["error"]
+    # the figure is what Apply with budget minimal gives on the same seeds
+    model = inputs["model"]
+    latent = inputs["latent_image"]["samples"]
+
+    def run(m, seed):
+        import comfy.sample
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(m, noise, STEPS, 2.0, "euler", "simple", inputs["positive"], inputs["negative"],
+                                   latent, seed=seed, disable_pbar=True)
+
+    minimal = runtime.attach(model, runtime.ApplyConfig(schedule=schedule, budget=runtime.Budget("minimal")))
+    assert output_error([run(minimal, s) for s in (5, 6)], [run(model, s) for s in (5, 6)]) == \
+        pytest.approx(model_error, rel=1e-3)
+    expected = MODEL_LEVEL if model_error <= 0.8 * meta["error"] else ""
+    assert schedule.granularity == expected and "one model-level residual: error" in "\n".join(schedule.notes)
+
+    # where model level wins, the choice is written into the schedule and read back from the workflow text
+    monkeypatch.setattr(pack, "prefer_model_level", lambda branch, model_level: True)
+    chosen = _search(pack, inputs, selective=False, prerank_pool=0, candidates=2)
+    assert chosen.args[0].granularity == MODEL_LEVEL
+    text = chosen.ui["searched"][0]
+    assert json.loads(text)["granularity"] == MODEL_LEVEL
+    assert Schedule.from_json(text).granularity == MODEL_LEVEL
+    assert "granularity: model level" in chosen.args[3]
+
+
+@pytest.mark.parametrize("budget, rung", [("auto", "model"), ("unlimited", "branch")])
+def test_apply_follows_a_searched_model_level_granularity_only_under_the_auto_budget(pack, inputs, budget, rung):
+    from procache_comfyui.nodes import runtime
+    from procache_comfyui.nodes.runtime import LAST_RUNS, SEARCHED_MODEL_LEVEL
+    from procache_comfyui.procache_core import parse_pattern
+    from procache_comfyui.procache_core.memory import Budget
+    import dataclasses
+    schedule = dataclasses.replace(parse_pattern("10010010"), granularity="model level")
+    model = inputs["model"]
+    latent = inputs["latent_image"]["samples"]
+    import comfy.sample
+    patched = runtime.attach(model, runtime.ApplyConfig(schedule=schedule, budget=Budget.parse(budget)))
+    comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), STEPS, 2.0, "euler", "simple",
+                        inputs["positive"], inputs["negative"], latent, seed=0, disable_pbar=True)
+    latest = LAST_RUNS.latest()
+    assert latest["plan"]["rung"] == rung
+    assert (SEARCHED_MODEL_LEVEL in latest["notes"]) == (budget == "auto")

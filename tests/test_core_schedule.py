@@ -48,6 +48,25 @@ def test_json_round_trip_and_versioning():
         Schedule.from_json('{"pattern": [1]}')
 
 
+def test_a_searched_granularity_travels_through_json_resampling_and_windowing():
+    from procache_core.schedule import MODEL_LEVEL
+    from procache_core.search import prefer_model_level
+    plain = parse_pattern("1001001001")
+    assert "granularity" not in plain.to_dict()          # files without it read and write as before
+    chosen = Schedule(kinds=plain.kinds, name="searched", granularity=MODEL_LEVEL)
+    again = Schedule.from_json(chosen.to_json())
+    assert again == chosen and again.granularity == MODEL_LEVEL
+    assert chosen.resampled(20).granularity == MODEL_LEVEL
+    assert chosen.windowed(0.1, 0.9, True).granularity == MODEL_LEVEL
+    doc = {**plain.to_dict(), "granularity": "spans"}
+    with pytest.raises(ScheduleError, match="granularity"):
+        Schedule.from_dict(doc)
+    # model level must be clearly closer: a tie or a small gain keeps branch level
+    assert prefer_model_level(1.0, 0.5) and prefer_model_level(1.0, 0.8)
+    assert not prefer_model_level(1.0, 0.81) and not prefer_model_level(1.0, 1.0)
+    assert not prefer_model_level(1.0, float("nan"))
+
+
 def test_injection_rule_matches_the_method():
     assert inject_selective([1, 0]) == [1, 0]
     assert inject_selective([1, 0, 0]) == [1, 0, 2]
