@@ -42,6 +42,14 @@ def _search(pack, inputs, **changes):
     return pack.ProCacheScheduleSearch.execute(**{**inputs, **changes})
 
 
+def _sample(inputs, model, seed):
+    """What KSampler gives for `seed` with the search's sampler settings."""
+    import comfy.sample
+    latent = inputs["latent_image"]["samples"]
+    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), STEPS, 2.0, "euler", "simple",
+                               inputs["positive"], inputs["negative"], latent, seed=seed, disable_pbar=True)
+
+
 def test_search_saves_a_schedule_the_loader_gives_back(pack, inputs, user_folder):
     from procache_comfyui.nodes import library
     from procache_comfyui.nodes.schedule_loader import ProCacheScheduleLoader
@@ -101,16 +109,8 @@ def test_searched_candidates_are_what_apply_and_ksampler_give(pack, inputs):
     schedule, report = out.args[0], out.args[3]
     winner_error = float(report.splitlines()[0].split("winner error ")[1].split(",")[0])
     model = inputs["model"]
-    latent = inputs["latent_image"]["samples"]
-
-    def run(m, seed):
-        import comfy.sample
-        noise = comfy.sample.prepare_noise(latent, seed)
-        return comfy.sample.sample(m, noise, STEPS, 2.0, "euler", "simple", inputs["positive"], inputs["negative"],
-                                   latent, seed=seed, disable_pbar=True)
-
     patched = runtime.attach(model, runtime.ApplyConfig(schedule=schedule))
-    err = output_error([run(patched, s) for s in (5, 6)], [run(model, s) for s in (5, 6)])
+    err = output_error([_sample(inputs, patched, s) for s in (5, 6)], [_sample(inputs, model, s) for s in (5, 6)])
     assert err == pytest.approx(winner_error, rel=1e-3)
 
 
@@ -181,16 +181,8 @@ def test_search_measures_one_model_level_residual_on_its_calibration_and_keeps_t
     assert 0 < model_error and model_error != meta["error"]
     # the figure is what Apply with budget minimal gives on the same seeds
     model = inputs["model"]
-    latent = inputs["latent_image"]["samples"]
-
-    def run(m, seed):
-        import comfy.sample
-        noise = comfy.sample.prepare_noise(latent, seed)
-        return comfy.sample.sample(m, noise, STEPS, 2.0, "euler", "simple", inputs["positive"], inputs["negative"],
-                                   latent, seed=seed, disable_pbar=True)
-
     minimal = runtime.attach(model, runtime.ApplyConfig(schedule=schedule, budget=runtime.Budget("minimal")))
-    assert output_error([run(minimal, s) for s in (5, 6)], [run(model, s) for s in (5, 6)]) == \
+    assert output_error([_sample(inputs, minimal, s) for s in (5, 6)], [_sample(inputs, model, s) for s in (5, 6)]) == \
         pytest.approx(model_error, rel=1e-3)
     expected = MODEL_LEVEL if model_error <= 0.8 * meta["error"] else ""
     assert schedule.granularity == expected and "one model-level residual: error" in "\n".join(schedule.notes)
@@ -213,12 +205,8 @@ def test_apply_follows_a_searched_model_level_granularity_only_under_the_auto_bu
     from procache_comfyui.procache_core.memory import Budget
     import dataclasses
     schedule = dataclasses.replace(parse_pattern("10010010"), granularity="model level")
-    model = inputs["model"]
-    latent = inputs["latent_image"]["samples"]
-    import comfy.sample
-    patched = runtime.attach(model, runtime.ApplyConfig(schedule=schedule, budget=Budget.parse(budget)))
-    comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), STEPS, 2.0, "euler", "simple",
-                        inputs["positive"], inputs["negative"], latent, seed=0, disable_pbar=True)
+    patched = runtime.attach(inputs["model"], runtime.ApplyConfig(schedule=schedule, budget=Budget.parse(budget)))
+    _sample(inputs, patched, 0)
     latest = LAST_RUNS.latest()
     assert latest["plan"]["rung"] == rung
     assert (SEARCHED_MODEL_LEVEL in latest["notes"]) == (budget == "auto")
