@@ -62,7 +62,8 @@ class ProCacheApply(io.ComfyNode):
                                          "residual (what the step-skipping caches keep) would have come, and "
                                          "keep only that for the rest of the run when it is clearly closer to "
                                          "full compute than the granularity the budget gave. Helps most on "
-                                         "small budgets with a forecaster; the report says what it measured."),
+                                         "small budgets with a forecaster; the report says what it measured. Off "
+                                         "under SDE and ancestral samplers."),
                 io.Combo.Input("forecast", options=list(FORECAST_OPTIONS), default=DEFAULT_FORECAST, optional=True,
                                tooltip="What cached steps do when no ProCache Forecaster or EOC Correction is "
                                        "connected. taylor 1: extrapolate each cached value along its change "

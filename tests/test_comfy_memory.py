@@ -264,6 +264,22 @@ def test_check_model_level_measures_both_and_keeps_the_rung_it_does_not_beat(pac
     assert torch.equal(plain, checked) and run.rung.kind == "branch"
 
 
+def test_check_model_level_stays_off_under_sde_samplers(pack, runs):
+    from procache_comfyui.procache_core import parse_pattern
+    node = pack.nodes.apply_node.ProCacheApply
+    mp = comfy_env.make_patcher("flux")
+
+    def apply(check):
+        return node.execute(mp, parse_pattern("1,0,1,0,1,0,1,1"), 0.0, 1.0, False, False,
+                            memory_budget="unlimited", check_model_level=check).result[0]
+    plain = comfy_env.sample(apply(False), "flux", steps=8, sampler="dpmpp_sde")
+    checked = comfy_env.sample(apply(True), "flux", steps=8, sampler="dpmpp_sde")
+    notes = runs[-1].stats.notes
+    assert any(n.startswith("model-level check off under dpmpp_sde (sde sampler)") for n in notes), notes
+    assert not any(n.startswith("rung check") for n in notes)
+    assert torch.equal(plain, checked)
+
+
 def test_a_budget_with_no_branches_left_advises_a_forecaster(pack, runs):
     from procache_comfyui.nodes.runtime import SMALL_BUDGET_ADVICE
     from procache_comfyui.procache_core.forecast import Taylor
