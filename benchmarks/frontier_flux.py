@@ -28,6 +28,9 @@ block stack on B = round(steps / S) steps (frontier.full_steps), so their FLOPs 
                                 branch level with Apply's check_model_level on: the run measures
                                 whether one model-level residual lands closer and switches to it
     ProCache fast schedule + Taylor 1   at 5x and 6x, schedules/procache-fast-<steps>-<x>x.json
+    Spectrum-style, FreqCa-style    the pack's re-implementations of the two published model-level
+                                forecasters (benchmarks/comfy_model_forecasters.py), computing the
+                                stack on B evenly spaced steps, as on the reference DiT
     LazyCache (ComfyUI)         ComfyUI's own LazyCache node, its threshold bisected on this very run
                                 until it runs B steps' worth of transformer blocks (FLOPs only are
                                 matched, nothing is tuned for quality); the node's default window
@@ -53,7 +56,8 @@ import time
 import torch
 
 from .baselines import calibrate_threshold
-from .frontier import Row, fast_schedule, full_steps, tables
+from .comfy_model_forecasters import FluxStackForecast, FreqCaState, SpectrumState
+from .frontier import Row, fast_schedule, full_steps, tables, uniform_steps
 from .output import add_out_option, report_path
 from .reference_flux import LATENT_SIZE
 from .reference_flux_bench import CALIBRATION_SEED, SEED
@@ -70,10 +74,12 @@ MODEL_ROWS = (("ProCache model-level residual + Taylor 1", "taylor"),
               ("ProCache model-level residual + Taylor 1 + frequency split (FreqCa-like, not FreqCa)", "taylor split"))
 # The split's cutoff on the 16x16 token grid: frequencies up to half of Nyquist are forecast.
 FREQUENCY_CUTOFF = 0.5
+SPECTRUM_ROW = "Spectrum-style (pack re-impl.)"
+FREQCA_ROW = "FreqCa-style (pack re-impl.)"
 FAST_ROW = "ProCache fast schedule + Taylor 1"
 LAZYCACHE_ROW = "LazyCache (ComfyUI node)"
 METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + (CHECK_ROW, CHOSEN_ROW) + tuple(n for n, _ in MODEL_ROWS) \
-    + (FAST_ROW, LAZYCACHE_ROW)
+    + (FAST_ROW, SPECTRUM_ROW, FREQCA_ROW, LAZYCACHE_ROW)
 LAZYCACHE_WINDOW = (0.15, 0.95)      # the node's default start_percent and end_percent
 LAZYCACHE_SUBSAMPLE = 8              # the node's subsample_factor
 
@@ -121,6 +127,13 @@ class FluxFrontier:
         return ("minimal" if model_level else "unlimited",
                 f"{'model level' if model_level else 'branch level'} (calibration error: branch "
                 f"{errors['unlimited']:.3g}, model level {errors['minimal']:.3g})")
+
+    def sigmas(self, steps: int) -> list[float]:
+        """The sampler's noise levels for `steps` steps of the bench's scheduler."""
+        import comfy.samplers
+        from .reference_flux import SCHEDULER
+        sampling = self.bench.patcher.get_model_object("model_sampling")
+        return comfy.samplers.calculate_sigmas(sampling, SCHEDULER, steps).tolist()
 
     def lazycache(self, steps, sampler, full_calls, target):
         """(Measured, setting) of ComfyUI's LazyCache with its threshold bisected to `target` block work."""
@@ -183,6 +196,13 @@ class FluxFrontier:
                 result, peak = self.procache(steps, sampler, [int(k) for k in fast.kinds], fast.name, "taylor",
                                              "unlimited")
                 add(target, FAST_ROW, fast.pattern, result, result.flops_speedup, peak)
+            for method, make_state in ((SPECTRUM_ROW, SpectrumState), (FREQCA_ROW, FreqCaState)):
+                if method in methods:
+                    compute = uniform_steps(steps, computed)
+                    forecast = FluxStackForecast(make_state, compute, self.sigmas(steps))
+                    result = self.bench.measure(forecast.patch(self.bench.patcher), steps, sampler)
+                    add(target, method, "".join("1" if i in compute else "0" for i in range(steps)), result,
+                        full.block_calls / max(1, result.block_calls), forecast.cache_bytes)
             if LAZYCACHE_ROW in methods:
                 result, setting = self.lazycache(steps, sampler, full.block_calls, steps / computed)
                 add(target, LAZYCACHE_ROW, setting, result, full.block_calls / max(1, result.block_calls),
@@ -206,10 +226,13 @@ def markdown(rows: list[Row], commands: list[str], header: str) -> str:
               "column's rows (min–max). Cache: bytes held between steps per image (both CFG streams for "
               "ProCache), the run's peak. The model-level online row is the pack's model-level Chebyshev "
               "forecaster: Spectrum-like in spirit, not a re-implementation of Spectrum (which forecasts the "
-              "final-block feature); with the frequency split it is FreqCa-like in the same sense. The "
-              "model-level check row is branch level with Apply's check_model_level on; the calibration row "
-              "applies Schedule Search's granularity rule on 5 calibration images and says what it chose. LazyCache is ComfyUI's own node. The fast-schedule row exists only where "
-              "the pack ships a schedule (5x, 6x).", ""]
+              "final-block feature); with the frequency split it is FreqCa-like in the same sense. "
+              "Spectrum-style and FreqCa-style are this pack's re-implementations of the published "
+              "algorithms (benchmarks/comfy_model_forecasters.py), not the authors' code. The model-level "
+              "check row is branch level with Apply's check_model_level on; the calibration row applies "
+              "Schedule Search's granularity rule on 5 calibration images and says what it chose. LazyCache "
+              "is ComfyUI's own node. The fast-schedule row exists only where the pack ships a schedule "
+              "(5x, 6x).", ""]
     return "\n".join(lines + tables(rows, METHODS))
 
 

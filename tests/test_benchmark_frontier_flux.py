@@ -30,3 +30,36 @@ def test_tiny_flux_frontier_matches_flops_across_rows(tmp_path):
     memory = {r["method"]: r["cache_bytes_per_image"] for r in rows if r["target"] == 2}
     assert 0 < memory["ProCache model-level residual + Taylor 1"] < memory["ProCache Taylor 1"]
     assert "| ProCache Taylor 1 |" in (tmp_path / "frontier_flux.md").read_text()
+
+
+@pytest.mark.parametrize("state", ["spectrum", "freqca"])
+def test_model_level_peer_forecasts_skip_the_stack_on_a_clone_and_are_exact_when_every_step_computes(state):
+    """The Spectrum-style and FreqCa-style rows on ComfyUI's Flux class: with every step computed they
+    are full compute, bit for bit; otherwise the blocks run on the computed steps only, the forecast
+    changes the result, and the base model carries no patch afterwards."""
+    comfy_env.load_pack()
+    import comfy.samplers
+    import torch
+    from benchmarks.comfy_bench import BlockCounter
+    from benchmarks.comfy_model_forecasters import FluxStackForecast, FreqCaState, SpectrumState
+    make_state = {"spectrum": SpectrumState, "freqca": FreqCaState}[state]
+    steps = 8
+    base = comfy_env.make_patcher("flux")
+    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "simple", steps).tolist()
+    full = comfy_env.sample(base, "flux", steps=steps, cfg=2.0)
+
+    every = FluxStackForecast(make_state, range(steps), sigmas)
+    assert torch.equal(comfy_env.sample(every.patch(base), "flux", steps=steps, cfg=2.0), full)
+
+    some = FluxStackForecast(make_state, [0, 2, 5], sigmas)
+    counter = BlockCounter(base)
+    try:
+        forecast = comfy_env.sample(some.patch(base), "flux", steps=steps, cfg=2.0)
+    finally:
+        counter.remove()
+    dm = base.model.diffusion_model
+    blocks = len(dm.double_blocks) + len(dm.single_blocks)
+    assert counter.calls % blocks == 0 and counter.calls // blocks in (3, 6)    # 3 steps: one call, or one per CFG half
+    assert torch.isfinite(forecast).all() and not torch.equal(forecast, full)
+    assert some.cache_bytes > 0
+    assert "patches_replace" not in base.model_options.get("transformer_options", {})
