@@ -256,27 +256,32 @@ def tables(rows: list[Row], methods) -> list[str]:
     return lines
 
 
-def plot(rows: list[Row], path: str) -> None:
-    """PSNR against FLOPs speedup, one line per method, one panel per step count and sampler."""
+def plot(rows: list[Row], path: str, methods=None, model: str = "reference DiT") -> None:
+    """PSNR against FLOPs speedup, one line per method (default: every method of this frontier), one
+    panel per step count (rows of panels) and sampler (columns)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r.steps, r.sampler) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
-    for ax, (steps, sampler) in zip(axes[0], panels):
-        for method in METHODS[1:]:
-            mine = sorted((r for r in rows if (r.steps, r.sampler, r.method) == (steps, sampler, method)),
-                          key=lambda r: r.flops_speedup)
-            if not mine:
-                continue
-            ours = method.startswith("ProCache")
-            ax.plot([r.flops_speedup for r in mine], [r.psnr for r in mine], marker="*" if ours else "o",
-                    ls="-" if ours else "--", label=method)
-        ax.set_title(f"reference DiT, {sampler}, {steps} steps")
-        ax.set_xlabel("FLOPs speedup (block work)")
-        ax.set_ylabel("PSNR vs full compute (dB)")
-        ax.grid(alpha=0.3)
+    methods = METHODS[1:] if methods is None else methods
+    step_counts = list(dict.fromkeys(r.steps for r in rows))
+    samplers = list(dict.fromkeys(r.sampler for r in rows))
+    fig, axes = plt.subplots(len(step_counts), len(samplers), figsize=(5.2 * len(samplers), 4.4 * len(step_counts)),
+                             squeeze=False)
+    for axes_row, steps in zip(axes, step_counts):
+        for ax, sampler in zip(axes_row, samplers):
+            for method in methods:
+                mine = sorted((r for r in rows if (r.steps, r.sampler, r.method) == (steps, sampler, method)),
+                              key=lambda r: r.flops_speedup)
+                if not mine:
+                    continue
+                ours = method.startswith("ProCache")
+                ax.plot([r.flops_speedup for r in mine], [r.psnr for r in mine], marker="*" if ours else "o",
+                        ls="-" if ours else "--", label=method)
+            ax.set_title(f"{model}, {sampler}, {steps} steps")
+            ax.set_xlabel("FLOPs speedup (block work)")
+            ax.set_ylabel("PSNR vs full compute (dB)")
+            ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -57,7 +57,7 @@ import torch
 
 from .baselines import calibrate_threshold
 from .comfy_model_forecasters import FluxStackForecast, FreqCaState, SpectrumState
-from .frontier import Row, fast_schedule, full_steps, tables, uniform_steps
+from .frontier import Row, fast_schedule, full_steps, plot, tables, uniform_steps
 from .output import add_out_option, report_path
 from .reference_flux import LATENT_SIZE
 from .reference_flux_bench import CALIBRATION_SEED, SEED
@@ -80,6 +80,8 @@ FAST_ROW = "ProCache fast schedule + Taylor 1"
 LAZYCACHE_ROW = "LazyCache (ComfyUI node)"
 METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + (CHECK_ROW, CHOSEN_ROW) + tuple(n for n, _ in MODEL_ROWS) \
     + (FAST_ROW, SPECTRUM_ROW, FREQCA_ROW, LAZYCACHE_ROW)
+# the plot's lines (the table has every row): the pack's default and calibrated paths against the peers
+PLOTTED = (FEWER, "ProCache reuse", "ProCache Taylor 1", CHOSEN_ROW, SPECTRUM_ROW, FREQCA_ROW, LAZYCACHE_ROW)
 LAZYCACHE_WINDOW = (0.15, 0.95)      # the node's default start_percent and end_percent
 LAZYCACHE_SUBSAMPLE = 8              # the node's subsample_factor
 
@@ -274,9 +276,12 @@ def main(argv=None):
     header = (f"# Speed-quality frontier, reference Flux\n\nReference Flux (ComfyUI's Flux class trained on digits, "
               f"256 image tokens) inside ComfyUI {version}, {args.samples} samples, CFG 2, simple scheduler, "
               f"seed 0; ComfyUI's samplers.")
-    text = markdown([Row(**r) for r in record["rows"]], record["commands"], header)
-    with open(report_path(os.path.dirname(path) or ".", "frontier_flux.md"), "w", encoding="utf-8") as f:
+    all_rows = [Row(**r) for r in record["rows"]]
+    text = markdown(all_rows, record["commands"], header)
+    folder = os.path.dirname(path) or "."
+    with open(report_path(folder, "frontier_flux.md"), "w", encoding="utf-8") as f:
         f.write(text)
+    plot(all_rows, report_path(folder, "frontier_flux.png"), PLOTTED, model="reference Flux")
     print(text)
 
 

@@ -30,6 +30,15 @@ def test_tiny_flux_frontier_matches_flops_across_rows(tmp_path):
     memory = {r["method"]: r["cache_bytes_per_image"] for r in rows if r["target"] == 2}
     assert 0 < memory["ProCache model-level residual + Taylor 1"] < memory["ProCache Taylor 1"]
     assert "| ProCache Taylor 1 |" in (tmp_path / "frontier_flux.md").read_text()
+    assert (tmp_path / "frontier_flux.png").stat().st_size > 0
+    # the calibration row says what it chose, and ran it: its figures are one of the two it chose from
+    for target in (2, 5):
+        at = {r["method"]: r for r in rows if r["target"] == target}
+        chosen = at["ProCache Taylor 1, granularity chosen on calibration images"]
+        source = at["ProCache model-level residual + Taylor 1" if chosen["setting"].startswith("model level")
+                    else "ProCache Taylor 1"]
+        assert chosen["setting"].startswith(("model level (calibration", "branch level (calibration"))
+        assert chosen["psnr"] == pytest.approx(source["psnr"]) and chosen["fd"] == pytest.approx(source["fd"])
 
 
 @pytest.mark.parametrize("state", ["spectrum", "freqca"])
