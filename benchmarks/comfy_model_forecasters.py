@@ -27,7 +27,7 @@ import torch
 
 from procache_core.frequency import TokenGrid, low_pass
 
-from .model_forecasters import ChebyshevRidge
+from .model_forecasters import ChebyshevRidge, spectrum_blend
 
 
 class SpectrumState:
@@ -51,15 +51,7 @@ class SpectrumState:
         self.last = (self.last + [(x, feature)])[-2:]
 
     def forecast(self, x: float, h_in: torch.Tensor) -> torch.Tensor:
-        spectral = self.fit.predict(x)
-        if self.chebyshev_weight >= 1.0:
-            return spectral
-        x_last, last = self.last[-1]
-        taylor = last
-        if len(self.last) == 2:
-            x_prev, prev = self.last[0]
-            taylor = last + (x - x_last) / (x_last - x_prev) * (last - prev)
-        return self.chebyshev_weight * spectral + (1 - self.chebyshev_weight) * taylor
+        return spectrum_blend(self.fit, self.last, x, self.chebyshev_weight)
 
     @property
     def ready(self) -> bool:

@@ -77,6 +77,20 @@ class ChebyshevRidge:
         return tensors + self.gram.numel() * self.gram.element_size()
 
 
+def spectrum_blend(fit: ChebyshevRidge, last: list, x: float, chebyshev_weight: float) -> torch.Tensor:
+    """Spectrum's forecast at x: chebyshev_weight x the ridge fit + the rest x a first-order difference
+    forecast from `last`, the (position, feature) pairs of the last two computed steps."""
+    spectral = fit.predict(x)
+    if chebyshev_weight >= 1.0:
+        return spectral
+    x_last, latest = last[-1]
+    taylor = latest
+    if len(last) == 2:
+        x_prev, previous = last[0]
+        taylor = latest + (x - x_last) / (x_last - x_prev) * (latest - previous)
+    return chebyshev_weight * spectral + (1 - chebyshev_weight) * taylor
+
+
 class ScheduledModelForecast(BlockStackWrapper):
     """Runs the stack on `compute_steps`, forecasts it on the others. `step_timesteps[i]` is the
     model timestep of step i's sigma; a call belongs to the last step whose timestep is at or
@@ -112,27 +126,36 @@ class ScheduledModelForecast(BlockStackWrapper):
 
 
 class SpectrumStyle(ScheduledModelForecast):
-    """Spectrum-style (the pack's re-implementation): Chebyshev ridge fit of the final-block feature.
+    """Spectrum-style (the pack's re-implementation): Chebyshev ridge fit of the final-block feature,
+    blended half and half with a first-order difference forecast from the last two computed
+    features, the convex combination the method describes.
 
     Degree 2 and ridge 0.01 scored best of degrees 1-4 and ridges 0.01-1 on calibration seeds
     (not the reported ones), at 20 steps 4x and 50 steps 5x under euler; degree 3 and 4 lost up
-    to 4 dB at 20 steps, where 5 computed steps leave little to fit.
+    to 4 dB at 20 steps, where 5 computed steps leave little to fit. The blend (weight 0.5) raised
+    those two settings from 33.0 / 34.8 to 34.3 / 38.8 dB on 30 calibration images (seed 1000).
     """
 
-    def __init__(self, model, compute_steps, step_timesteps, degree: int = 2, ridge: float = 0.01, **kwargs):
+    def __init__(self, model, compute_steps, step_timesteps, degree: int = 2, ridge: float = 0.01,
+                 chebyshev_weight: float = 0.5, **kwargs):
         super().__init__(model, compute_steps, step_timesteps, **kwargs)
         self.fit = ChebyshevRidge(degree, ridge)
+        # the blend with a first-order difference forecast: weight x fit + (1 - weight) x Taylor 1
+        self.chebyshev_weight = chebyshev_weight
+        self.last: list[tuple[float, torch.Tensor]] = []        # (position, feature) of the last two computed
 
     def observe(self, x, h_in, h_out):
         self.fit.observe(x, h_out)
+        self.last = (self.last + [(x, h_out)])[-2:]
         self.ready = True
 
     def forecast(self, x, h_in):
-        return self.fit.predict(x)
+        return spectrum_blend(self.fit, self.last, x, self.chebyshev_weight)
 
     @property
     def cache_bytes(self) -> int:
-        return self.fit.nbytes
+        blend = sum(f.numel() * f.element_size() for _, f in self.last) if self.chebyshev_weight < 1.0 else 0
+        return self.fit.nbytes + blend
 
 
 class FreqCaStyle(ScheduledModelForecast):

@@ -117,3 +117,18 @@ def test_dpmpp_sde_is_seeded_and_calls_twice_a_step():
     euler, _ = bench._counted("euler", 6)
     assert calls == 2 * 6 - 1                  # the last step lands on the denoised image: one call
     assert torch.equal(first, again) and not torch.allclose(first, euler, atol=1e-2)
+
+
+def test_spectrum_blend_mixes_the_fit_with_a_first_difference_forecast():
+    from benchmarks.model_forecasters import spectrum_blend
+    fit = ChebyshevRidge(degree=2, ridge=0.0)
+    points = [(0.9, torch.tensor([0.81])), (0.5, torch.tensor([0.25])), (0.1, torch.tensor([0.01]))]   # x²
+    for x, value in points:
+        fit.observe(x, value)
+    last = points[-2:]
+    spectral = spectrum_blend(fit, last, -0.3, 1.0)
+    taylor = spectrum_blend(fit, last, -0.3, 0.0)
+    assert spectral.item() == pytest.approx(0.09, abs=1e-6)                    # the quadratic fit is exact (float32)
+    assert taylor.item() == pytest.approx(0.01 + (-0.4 / -0.4) * (0.01 - 0.25))  # the line through the last two
+    assert spectrum_blend(fit, last, -0.3, 0.5).item() == pytest.approx((spectral.item() + taylor.item()) / 2)
+    assert spectrum_blend(fit, last[-1:], -0.3, 0.0).item() == pytest.approx(0.01)  # one point: reuse
