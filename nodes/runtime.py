@@ -324,7 +324,7 @@ def plan_cache(run: Run, request: PlanRequest, diffusion_model, sigma: float, st
 # On the reference DiT at R = 2 (50 steps, about 3x) plain reuse lands below fewer steps at the same
 # FLOPs and Taylor 1 well above it (benchmarks/results/memory_quality.md).
 # Fresh noise every step: on the reference Flux under dpmpp_sde the check switched to the model-level
-# residual at 2x and 3x and landed 3.6 and 4.3 dB further from full compute than branch level.
+# residual at 2x and 3x and landed 3.6 and 4.4 dB further from full compute than branch level.
 NOISY_SAMPLER_KINDS = ("sde", "ancestral")
 RUNG_CHECK_OFF = ("model-level check off under {sampler} ({kind} sampler): fresh noise enters every step, and "
                   "one step's error does not tell which granularity lands closer")
