@@ -25,9 +25,9 @@ import math
 
 import torch
 
-from procache_core.frequency import TokenGrid, low_pass
+from procache_core.frequency import TokenGrid
 
-from .model_forecasters import ChebyshevRidge, spectrum_blend
+from .model_forecasters import ChebyshevRidge, freqca_extrapolate, spectrum_blend
 
 
 class SpectrumState:
@@ -76,15 +76,11 @@ class FreqCaState:
         return bool(self.history)
 
     def forecast(self, x: float, h_in: torch.Tensor) -> torch.Tensor:
-        x_last, last = self.history[-1]
-        if len(self.history) < 2:
-            return h_in + last
-        x_prev, prev = self.history[0]
-        side = math.isqrt(last.shape[1])
-        if side * side != last.shape[1]:
-            raise ValueError(f"FreqCa-style needs a square token grid, got {last.shape[1]} image tokens")
-        slope = (x - x_last) / (x_last - x_prev)
-        return h_in + last + slope * low_pass(last - prev, TokenGrid(1, side, side), self.cutoff)
+        tokens = h_in.shape[1]
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"FreqCa-style needs a square token grid, got {tokens} image tokens")
+        return freqca_extrapolate(self.history, x, h_in, TokenGrid(1, side, side), self.cutoff)
 
     @property
     def nbytes(self) -> int:

@@ -181,18 +181,18 @@ class FluxFrontier:
                     if method in methods:
                         result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", forecaster, budget)
                         add(target, method, "".join(map(str, kinds)), result, result.flops_speedup, peak)
-                if rows_ is BRANCH_ROWS and CHOSEN_ROW in methods:
-                    if calibration_full is None:
-                        calibration_full = self.bench.measure(None, steps, sampler, self.bench.cal_labels,
-                                                              CALIBRATION_SEED)
-                    chosen, setting = self.chosen_granularity(steps, sampler, kinds, f"generic-{computed}",
-                                                              calibration_full)
-                    result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", chosen)
-                    add(target, CHOSEN_ROW, setting, result, result.flops_speedup, peak)
-                if rows_ is BRANCH_ROWS and CHECK_ROW in methods:
-                    result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", budget,
-                                                 check_model_level=True)
-                    add(target, CHECK_ROW, "".join(map(str, kinds)), result, result.flops_speedup, peak)
+            if CHOSEN_ROW in methods:
+                if calibration_full is None:
+                    calibration_full = self.bench.measure(None, steps, sampler, self.bench.cal_labels,
+                                                          CALIBRATION_SEED)
+                chosen, setting = self.chosen_granularity(steps, sampler, kinds, f"generic-{computed}",
+                                                          calibration_full)
+                result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", chosen)
+                add(target, CHOSEN_ROW, setting, result, result.flops_speedup, peak)
+            if CHECK_ROW in methods:
+                result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", "unlimited",
+                                             check_model_level=True)
+                add(target, CHECK_ROW, "".join(map(str, kinds)), result, result.flops_speedup, peak)
             fast = fast_schedule(steps, target) if FAST_ROW in methods else None
             if fast is not None:
                 result, peak = self.procache(steps, sampler, [int(k) for k in fast.kinds], fast.name, "taylor",

@@ -91,6 +91,20 @@ def spectrum_blend(fit: ChebyshevRidge, last: list, x: float, chebyshev_weight: 
     return chebyshev_weight * spectral + (1 - chebyshev_weight) * taylor
 
 
+def freqca_extrapolate(history: list, x: float, h_in: torch.Tensor, grid: TokenGrid, cutoff: float) -> torch.Tensor:
+    """FreqCa's forecast at x: the stack input plus the cumulative residual, its low frequencies
+    extrapolated linearly from `history`, the (position, residual) pairs of the last two computed
+    steps, its high frequencies reused from the last one (reuse alone with one computed step)."""
+    x_last, last = history[-1]
+    if len(history) < 2:
+        return h_in + last
+    x_prev, prev = history[0]
+    # the low-pass is linear, so extrapolating the low part of each residual is the latest
+    # residual plus the low part of the latest change, scaled to the step; the high part stays
+    slope = (x - x_last) / (x_last - x_prev)
+    return h_in + last + slope * low_pass(last - prev, grid, cutoff)
+
+
 class ScheduledModelForecast(BlockStackWrapper):
     """Runs the stack on `compute_steps`, forecasts it on the others. `step_timesteps[i]` is the
     model timestep of step i's sigma; a call belongs to the last step whose timestep is at or
@@ -179,14 +193,7 @@ class FreqCaStyle(ScheduledModelForecast):
         self.ready = True
 
     def forecast(self, x, h_in):
-        x_last, last = self.history[-1]
-        if len(self.history) < 2:
-            return h_in + last
-        x_prev, prev = self.history[0]
-        # the low-pass is linear, so extrapolating the low part of each residual is the latest
-        # residual plus the low part of the latest change, scaled to the step; the high part stays
-        slope = (x - x_last) / (x_last - x_prev)
-        return h_in + last + slope * low_pass(last - prev, self.grid, self.cutoff)
+        return freqca_extrapolate(self.history, x, h_in, self.grid, self.cutoff)
 
     @property
     def cache_bytes(self) -> int:

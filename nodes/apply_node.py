@@ -114,9 +114,8 @@ class ProCacheApply(io.ComfyNode):
             raise ValueError(f"ProCache Apply, forecast: {forecast!r} is not one of {', '.join(FORECAST_OPTIONS)}")
         # a Forecaster set to reuse sends None over its link: connected, so the default does not apply
         default_forecast = forecaster is NOT_CONNECTED and eoc is None and forecast == "taylor 1"
-        forecaster = None if forecaster is NOT_CONNECTED else forecaster
-        if default_forecast:
-            forecaster = default_forecaster()
+        if forecaster is NOT_CONNECTED:
+            forecaster = default_forecaster() if default_forecast else None
         selector = selector or SelectorConfig(TokenSelector(), 0.25)
         config = ApplyConfig(schedule=schedule, start_percent=start_percent, end_percent=end_percent,
                              force_last_full=force_last_full, selector=selector.tokens,
@@ -139,8 +138,8 @@ class ProCacheApply(io.ComfyNode):
                        "reuse, or connect a ProCache Forecaster)")
         elif forecaster is not None:
             report += f"\nforecast: {forecaster.describe()}"
-        else:
-            report += "\nforecast: none (cached steps reuse the latest values)" if eoc is None else ""
+        elif eoc is None:
+            report += "\nforecast: none (cached steps reuse the latest values)"
         if eoc is not None:
             report += f"\n{eoc.describe()}"
         if forecaster is not None and eoc is not None:

@@ -25,7 +25,7 @@ from comfy_api.latest import io
 
 from . import events
 from ..procache_core import Run, Schedule, SchedulePolicy, StepClock, StepKind, TokenSelector, find_family
-from ..procache_core.forecast import SAMPLER_KIND, sampler_name
+from ..procache_core.forecast import NOISY_SAMPLER_KINDS, SAMPLER_KIND, sampler_name
 from ..procache_core.schedule import MODEL_LEVEL
 from ..procache_core.families import is_unet
 from ..procache_core.memory import AUTO_SHARE, DEFAULT_PRECISION, PRECISIONS, Budget, format_bytes
@@ -208,11 +208,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run.clock.corrector_at_next_sigma = sampler_function in CORRECTOR_AT_NEXT_SIGMA
     if run.forecast is not None:
         run.stats.notes.extend(run.forecast.use_sampler(sampler_function))
-    kind = SAMPLER_KIND.get(sampler_name(sampler_function))
-    if run.rung_check is not None and kind in NOISY_SAMPLER_KINDS:
+    name = sampler_name(sampler_function)
+    if run.rung_check is not None and SAMPLER_KIND.get(name) in NOISY_SAMPLER_KINDS:
         run.rung_check.free()
         run.rung_check = None
-        run.stats.notes.append(RUNG_CHECK_OFF.format(sampler=sampler_name(sampler_function), kind=kind))
+        run.stats.notes.append(RUNG_CHECK_OFF.format(sampler=name, kind=SAMPLER_KIND[name]))
     warning = double_caching_warning(guider.model_patcher)     # also catches a cache added after Apply
     if warning:
         run.stats.notes.append(warning)
@@ -323,9 +323,9 @@ def plan_cache(run: Run, request: PlanRequest, diffusion_model, sigma: float, st
 
 # On the reference DiT at R = 2 (50 steps, about 3x) plain reuse lands below fewer steps at the same
 # FLOPs and Taylor 1 well above it (benchmarks/results/memory_quality.md).
-# Fresh noise every step: on the reference Flux under dpmpp_sde the check switched to the model-level
-# residual at 2x and 3x and landed 3.6 and 4.4 dB further from full compute than branch level.
-NOISY_SAMPLER_KINDS = ("sde", "ancestral")
+# Fresh noise every step (NOISY_SAMPLER_KINDS): on the reference Flux under dpmpp_sde the check switched
+# to the model-level residual at 2x and 3x and landed 3.6 and 4.4 dB further from full compute than
+# branch level.
 RUNG_CHECK_OFF = ("model-level check off under {sampler} ({kind} sampler): fresh noise enters every step, and "
                   "one step's error does not tell which granularity lands closer")
 SEARCHED_MODEL_LEVEL = ("granularity from the schedule: its search measured one model-level residual clearly "

@@ -19,7 +19,7 @@ def describe(schedule: Schedule) -> str:
     for note in schedule.notes:
         text += f"\nnote: {note}"
     if schedule.granularity:
-        text += (f"\ngranularity: {schedule.granularity} (measured by its search; applies with memory_budget auto)")
+        text += f"\ngranularity: {schedule.granularity} (measured by its search; applies with memory_budget auto)"
     return text
 
 

@@ -318,9 +318,10 @@ SAMPLER_KINDS = {
                   "lcm"),
 }
 SAMPLER_KIND = {name: kind for kind, names in SAMPLER_KINDS.items() for name in names}
+NOISY_SAMPLER_KINDS = ("sde", "ancestral")      # fresh noise enters every step
 # Multistep: measured on the reference DiT, damping cost Taylor more than it saved the online fit
 # once the per-unit guard runs; the guard decides there (table in docs/forecast.md).
-DAMPING = {"ode": 1.0, "multistep": 1.0, "sde": 0.0, "ancestral": 0.0}
+DAMPING = {"ode": 1.0, "multistep": 1.0, **{kind: 0.0 for kind in NOISY_SAMPLER_KINDS}}
 
 
 def sampler_name(function_name: str) -> str:
