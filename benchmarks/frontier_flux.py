@@ -69,6 +69,8 @@ FEWER = "fewer steps"
 BRANCH_ROWS = (("ProCache reuse", None), ("ProCache Taylor 1", "taylor"), ("ProCache online (Chebyshev)", "online"))
 CHECK_ROW = "ProCache Taylor 1 + model-level check"     # branch level, Apply's check_model_level on
 CHOSEN_ROW = "ProCache Taylor 1, granularity chosen on calibration images"    # Schedule Search's rule
+SEARCHED_ROW = "ProCache Schedule Search + Taylor 1 (calibration images)"    # the pack's own pattern search
+SEARCH_CANDIDATES = 5                # Schedule Search's default K (the method's)
 MODEL_ROWS = (("ProCache model-level residual + Taylor 1", "taylor"),
               ("ProCache model-level residual + online Chebyshev (Spectrum-like, not Spectrum)", "online"),
               ("ProCache model-level residual + Taylor 1 + frequency split (FreqCa-like, not FreqCa)", "taylor split"))
@@ -78,10 +80,10 @@ SPECTRUM_ROW = "Spectrum-style (pack re-impl.)"
 FREQCA_ROW = "FreqCa-style (pack re-impl.)"
 FAST_ROW = "ProCache fast schedule + Taylor 1"
 LAZYCACHE_ROW = "LazyCache (ComfyUI node)"
-METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + (CHECK_ROW, CHOSEN_ROW) + tuple(n for n, _ in MODEL_ROWS) \
+METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + (CHECK_ROW, CHOSEN_ROW, SEARCHED_ROW) + tuple(n for n, _ in MODEL_ROWS) \
     + (FAST_ROW, SPECTRUM_ROW, FREQCA_ROW, LAZYCACHE_ROW)
 # the plot's lines (the table has every row): the pack's default and calibrated paths against the peers
-PLOTTED = (FEWER, "ProCache reuse", "ProCache Taylor 1", CHOSEN_ROW, SPECTRUM_ROW, FREQCA_ROW, LAZYCACHE_ROW)
+PLOTTED = (FEWER, "ProCache reuse", "ProCache Taylor 1", CHOSEN_ROW, SEARCHED_ROW, SPECTRUM_ROW, FREQCA_ROW, LAZYCACHE_ROW)
 LAZYCACHE_WINDOW = (0.15, 0.95)      # the node's default start_percent and end_percent
 LAZYCACHE_SUBSAMPLE = 8              # the node's subsample_factor
 
@@ -129,6 +131,32 @@ class FluxFrontier:
         return ("minimal" if model_level else "unlimited",
                 f"{'model level' if model_level else 'branch level'} (calibration error: branch "
                 f"{errors['unlimited']:.3g}, model level {errors['minimal']:.3g})")
+
+    def searched(self, steps, sampler, computed, calibration_full):
+        """(pattern, budget, setting text): Schedule Search as its node runs it, on the calibration
+        images: K drawn patterns and the even-interval one, each sampled with Taylor 1 at branch
+        level and scored against full compute; the winner then once more with one model-level
+        residual, kept where prefer_model_level says so. No selective steps (they would add FLOPs)
+        and no pre-ranking profile. max_interval is twice the mean interval (the node's default 4
+        admits no pattern at 20 steps and 6x; the user raises it)."""
+        from procache_comfyui.procache_core.search import (SearchConstraints, output_error, prefer_model_level,
+                                                          search)
+        mean_interval = math.ceil(steps / computed) - 1
+        constraints = SearchConstraints(steps, computed, 0, max(4, 2 * mean_interval))
+
+        def run(budget):
+            return lambda pattern: self.procache(steps, sampler, pattern, "searched", "taylor", budget,
+                                                 labels=self.bench.cal_labels, seed=CALIBRATION_SEED)[0].images
+
+        result = search(constraints, run("unlimited"), calibration_full.images, count=SEARCH_CANDIDATES,
+                        seed=CALIBRATION_SEED)
+        pattern = list(result.final.pattern)
+        model_error = output_error(run("minimal")(pattern), calibration_full.images)
+        model_level = prefer_model_level(result.final.error, model_error)
+        origin = "even intervals" if result.final.origin == "uniform" else "drawn"
+        return pattern, "minimal" if model_level else "unlimited", (
+            f"{''.join(map(str, pattern))} ({origin}; {'model level' if model_level else 'branch level'}, "
+            f"calibration error: branch {result.final.error:.3g}, model level {model_error:.3g})")
 
     def sigmas(self, steps: int) -> list[float]:
         """The sampler's noise levels for `steps` steps of the bench's scheduler."""
@@ -189,6 +217,13 @@ class FluxFrontier:
                                                           calibration_full)
                 result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", chosen)
                 add(target, CHOSEN_ROW, setting, result, result.flops_speedup, peak)
+            if SEARCHED_ROW in methods:
+                if calibration_full is None:
+                    calibration_full = self.bench.measure(None, steps, sampler, self.bench.cal_labels,
+                                                          CALIBRATION_SEED)
+                pattern, budget, setting = self.searched(steps, sampler, computed, calibration_full)
+                result, peak = self.procache(steps, sampler, pattern, "searched", "taylor", budget)
+                add(target, SEARCHED_ROW, setting, result, result.flops_speedup, peak)
             if CHECK_ROW in methods:
                 result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", "unlimited",
                                              check_model_level=True)

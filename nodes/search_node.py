@@ -137,8 +137,9 @@ def plot(result, width: int = 640, height: int = 400) -> torch.Tensor:
         draw.line([tx, y, tx, y + 4], fill=(150, 150, 150))
     draw.text((left, 8), f"ProCache Schedule Search: {len(result.candidates)} runs, error vs full compute "
                          f"(log) over measured speedup; dashed = {theory:.2f}x by step count", fill="black")
-    draw.text((left, height - 22), "grey: drawn   blue square: uniform intervals   red star: winner   "
-                                   "orange: winner + selective", fill="black")
+    draw.text((left, height - 28), "grey: drawn   blue square: uniform intervals   green triangle: library generic",
+              fill="black")
+    draw.text((left, height - 15), "red star: winner   orange: winner + selective", fill="black")
     for x, _, c in points:
         px, py = at(x, math.log10(max(c.error, 1e-12)))
         if c is result.best:
@@ -147,6 +148,8 @@ def plot(result, width: int = 640, height: int = 400) -> torch.Tensor:
             draw.polygon(star, fill=(220, 30, 30))
         elif c.origin == "uniform":
             draw.rectangle([px - 5, py - 5, px + 5, py + 5], fill=(40, 90, 220))
+        elif c.origin == "generic":
+            draw.polygon([(px, py - 7), (px + 7, py + 6), (px - 7, py + 6)], fill=(30, 160, 60))
         elif c.origin == "winner+selective":
             draw.polygon([(px, py - 7), (px + 7, py), (px, py + 7), (px - 7, py)], fill=(240, 150, 20))
         else:
@@ -294,10 +297,9 @@ class ProCacheScheduleSearch(io.ComfyNode):
         model_name = type(model.model.model_config).__name__
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         name = save_name or f"search-{model_name.lower()}-{steps}-{constraints.full_steps}full"
-        uniform_text = f", uniform intervals {result.uniform.error:.4g}" if result.uniform else ""
         provenance = (f"searched by ProCache Schedule Search on {model_name} ({sampler_name}/{scheduler}, {steps} steps, "
                       f"CFG {cfg:g}, seeds {runner.seeds[0]}..{runner.seeds[-1]}, {date}): error {final.error:.4g} "
-                      f"vs full compute{uniform_text}; {constraints.full_steps} full steps"
+                      f"vs full compute{comparators_text(result)}; {constraints.full_steps} full steps"
                       + (f"; candidates ran with {forecaster.describe()}, use it with the same" if forecaster else
                          "; candidates ran with plain reuse: set ProCache Apply's forecast to none to run it as searched"))
         notes = [f"{len(result.candidates)} candidates sampled"
@@ -313,6 +315,7 @@ class ProCacheScheduleSearch(io.ComfyNode):
             "cfg": cfg, "seeds": runner.seeds, "date": date, "error": final.error,
             "error_metric": "relative MSE of final latents vs full compute, mean over seeds",
             "uniform_error": result.uniform.error if result.uniform else None,
+            "generic_error": result.generic.error if result.generic else None,
             "model_level_error": model_level_error,
             "theoretical_speedup": round(schedule.theoretical_speedup(), 4),
             "measured_speedup": round(result.speedup(final), 4),
@@ -355,11 +358,16 @@ def sigma_weights(model, scheduler: str, steps: int) -> list[float] | None:
     return weights if len(weights) == steps else None
 
 
+def comparators_text(result) -> str:
+    """The errors of the fixed patterns every search also runs, for the report and the provenance."""
+    return ((f", uniform intervals {result.uniform.error:.4g}" if result.uniform else "")
+            + (f", library generic {result.generic.error:.4g}" if result.generic else ""))
+
+
 def report_text(result, schedule: Schedule, space: int) -> str:
     c = result.constraints
     lines = [f"searched {c.steps} steps, {c.full_steps} full (intervals {c.min_interval}..{c.max_interval}; "
-             f"{space} patterns allowed): winner error {result.best.error:.4g}"
-             + (f", uniform intervals {result.uniform.error:.4g}" if result.uniform else ""),
+             f"{space} patterns allowed): winner error {result.best.error:.4g}" + comparators_text(result),
              describe(schedule), "candidates (relative MSE vs full, measured speedup, pattern):"]
     for cand in sorted(result.candidates + ([result.final] if result.final is not result.best else []),
                        key=lambda x: x.error):

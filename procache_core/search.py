@@ -157,6 +157,23 @@ def generic_pattern(steps: int, speedup: float, spread: float = 0.35) -> list[in
     return pattern_from_segments(sorted(lengths, reverse=True))
 
 
+def admits(constraints: SearchConstraints, pattern) -> bool:
+    """Whether a 0/1 pattern is one the constraints could draw: T steps, B full ones starting with a
+    full step, every reuse interval within bounds and none longer than the one before it."""
+    c = constraints
+    if len(pattern) != c.steps or not pattern or pattern[0] != 1 or sum(1 for k in pattern if k == 1) != c.full_steps:
+        return False
+    intervals, run = [], 0
+    for k in list(pattern[1:]) + [1]:
+        if k == 1:
+            intervals.append(run)
+            run = 0
+        else:
+            run += 1
+    return (all(c.min_interval <= i <= c.max_interval for i in intervals)
+            and all(a >= b for a, b in zip(intervals, intervals[1:])))
+
+
 # ---- the search --------------------------------------------------------------------------------
 def output_error(outputs, reference) -> float:
     """Relative MSE of final outputs against the full-compute outputs, averaged over seeds:
@@ -188,7 +205,8 @@ def prefer_model_level(branch_error: float, model_error: float) -> bool:
 @dataclasses.dataclass
 class Candidate:
     pattern: tuple[int, ...]
-    origin: str = "drawn"            # "drawn", "uniform" (even intervals) or "winner+selective"
+    origin: str = "drawn"            # "drawn", "uniform" (even intervals), "generic" (generic_pattern) or
+                                     # "winner+selective"
     predicted: float | None = None   # pre-rank score (lower is better), when a profile was used
     error: float | None = None       # measured: relative MSE of the final outputs vs full compute
     seconds: float | None = None     # wall time of its runs
@@ -212,6 +230,7 @@ class SearchResult:
     uniform: Candidate | None        # the even-interval comparator, when it was run
     full_seconds: float              # wall time of the full-compute runs
     seed: int
+    generic: Candidate | None = None  # the library's generic pattern as a comparator, when it was run
 
     def speedup(self, candidate: Candidate) -> float:
         """Measured wall-clock speedup of a candidate over full compute, same seeds."""
@@ -222,7 +241,8 @@ class SearchResult:
 
 def search(constraints: SearchConstraints, run, reference, count: int = 5, seed: int = 0,
            profile=None, pool: int = 0, selective: bool = False, compare_uniform: bool = True,
-           full_seconds: float = 0.0, progress=None, max_attempts: int = 1_000_000) -> SearchResult:
+           compare_generic: bool = True, full_seconds: float = 0.0, progress=None,
+           max_attempts: int = 1_000_000) -> SearchResult:
     """CASS with measured scoring: draw, (pre-rank,) run, score against full compute, keep the best.
 
     run(pattern) -> the final outputs for the search seeds (tensor [N, ...] or list), with
@@ -232,6 +252,9 @@ def search(constraints: SearchConstraints, run, reference, count: int = 5, seed:
     selective: inject selective steps into the winner (scored plain, as the method's readme does)
         and run it once more so its error is measured too.
     compare_uniform: also run the even-interval pattern at the same budget (FORA-like); it may win.
+    compare_generic: also run the library's generic pattern at the same budget (what Apply runs on a
+        generic-<steps>-<x>x schedule) where the constraints admit it, so the search never returns a
+        schedule that scored worse on its own seeds than the library default.
     progress(done, total, candidate): called after each run; raise from it (or from `run`) to cancel.
     Same constraints, seed and deterministic `run` -> same result.
     """
@@ -258,6 +281,15 @@ def search(constraints: SearchConstraints, run, reference, count: int = 5, seed:
             to_run.append(uniform)
         else:
             uniform.origin = "uniform"
+    generic = None
+    if compare_generic:
+        pattern = tuple(generic_pattern(constraints.steps, constraints.steps / constraints.full_steps))
+        if admits(constraints, pattern):
+            generic = next((c for c in to_run if c.pattern == pattern), None)
+            if generic is None:
+                generic = Candidate(pattern, origin="generic",
+                                    predicted=profile.predict(pattern) if profile is not None and profile.ready else None)
+                to_run.append(generic)
     total = len(to_run) + (1 if selective else 0)
     for i, candidate in enumerate(to_run):
         start = time.perf_counter()
@@ -276,4 +308,4 @@ def search(constraints: SearchConstraints, run, reference, count: int = 5, seed:
         final.seconds = time.perf_counter() - start
         if progress is not None:
             progress(total, total, final)
-    return SearchResult(constraints, best, final, to_run, ranked, uniform, full_seconds, seed)
+    return SearchResult(constraints, best, final, to_run, ranked, uniform, full_seconds, seed, generic)

@@ -6,9 +6,9 @@ from procache_core import SchedulePolicy, Schedule, ScheduleError, StepKind
 from procache_core.profiling import FeatureProfile, step_weights
 from procache_core.reference.dit import DiT, DiTConfig
 from procache_core.reference.sampling import sample
-from procache_core.schedule import full_step_segments
+from procache_core.schedule import full_step_segments, pattern_from_segments
 from procache_core.search import (SearchConstraints, count_partitions, draw_candidates, even_pattern,
-                                  generic_pattern, output_error, search)
+                                  admits, generic_pattern, output_error, search)
 
 STEPS = 16
 LABELS = torch.tensor([1, 7])
@@ -109,6 +109,31 @@ def test_generic_patterns_follow_the_rule(steps, speedup):
     assert lengths[0] > lengths[-1] or len(set(lengths)) == 1
 
 
+@pytest.mark.parametrize("steps", [20, 28, 50])
+@pytest.mark.parametrize("full", [3, 4, 8, 10])
+def test_admits_agrees_with_the_drawn_patterns(steps, full):
+    c = SearchConstraints(steps, full, 0, 2 * -(-steps // full))
+    for pattern in draw_candidates(c, 20, seed=3):
+        assert admits(c, pattern)
+    assert admits(c, even_pattern(c))
+    generic = generic_pattern(steps, steps / full)
+    assert admits(c, generic)
+    lengths = [n for n, _ in full_step_segments(generic)]
+    assert not admits(c, pattern_from_segments(sorted(lengths)))      # intervals growing
+    extra = list(generic)
+    extra[extra.index(0)] = 1
+    assert not admits(c, extra)                                        # one full step too many
+    assert not admits(c, [0] + generic[1:])                            # no full first step
+
+
+def test_search_skips_a_generic_pattern_the_constraints_exclude():
+    c = SearchConstraints(20, 3, 5, 7)         # the generic pattern at 20/3 has intervals 8, 6, 3
+    generic = generic_pattern(20, 20 / 3)
+    assert not admits(c, generic)
+    result = search(c, lambda pattern: [torch.tensor([float(sum(pattern))])], [torch.tensor([3.0])], count=2, seed=0)
+    assert result.generic is None and all(x.origin != "generic" for x in result.candidates)
+
+
 def test_search_is_deterministic_keeps_the_best_and_injects(model):
     seeds = [0, 1]
     reference, profile = _full_and_profile(model, seeds, window=4)
@@ -120,9 +145,10 @@ def test_search_is_deterministic_keeps_the_best_and_injects(model):
     assert [x.pattern for x in result.candidates] == [x.pattern for x in again.candidates]
     assert [x.error for x in result.candidates] == [x.error for x in again.candidates]
     assert result.final.pattern == again.final.pattern
-    assert seen == [(i, 5) for i in range(1, 6)]        # 3 drawn + uniform + injected winner
-    assert [x.origin for x in result.candidates] == ["drawn"] * 3 + ["uniform"]
+    assert seen == [(i, 6) for i in range(1, 7)]        # 3 drawn + uniform + generic + injected winner
+    assert [x.origin for x in result.candidates] == ["drawn"] * 3 + ["uniform", "generic"]
     assert result.uniform is not None and result.uniform.pattern == tuple(even_pattern(c))
+    assert result.generic is not None and result.generic.pattern == tuple(generic_pattern(STEPS, STEPS / 5))
     assert result.best.error == min(x.error for x in result.candidates)
     assert all(_segments_ok(list(x.pattern), c) for x in result.candidates)
     assert 2 in result.final.pattern and result.final.origin == "winner+selective"
