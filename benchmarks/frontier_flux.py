@@ -24,6 +24,12 @@ block stack on B = round(steps / S) steps (frontier.full_steps), so their FLOPs 
                                 level and with one model-level residual on 5 calibration images (seed
                                 1000, never the reported ones), the one clearly closer to full compute
                                 kept for the reported images
+    ProCache Schedule Search + Taylor 1 (calibration images)
+                                the pack's own pattern search as the Schedule Search node runs it, on
+                                the same 5 calibration images: 5 drawn patterns, even intervals and the
+                                generic pattern, each with Taylor 1 at branch level; the winner once
+                                more with one model-level residual, kept where clearly closer. No
+                                selective steps, no pre-ranking; max_interval twice the mean interval
     ProCache Taylor 1 + model-level check
                                 branch level with Apply's check_model_level on: the run measures
                                 whether one model-level residual lands closer and switches to it
@@ -153,7 +159,7 @@ class FluxFrontier:
         pattern = list(result.final.pattern)
         model_error = output_error(run("minimal")(pattern), calibration_full.images)
         model_level = prefer_model_level(result.final.error, model_error)
-        origin = "even intervals" if result.final.origin == "uniform" else "drawn"
+        origin = {"uniform": "even intervals", "generic": "library generic"}.get(result.final.origin, "drawn")
         return pattern, "minimal" if model_level else "unlimited", (
             f"{''.join(map(str, pattern))} ({origin}; {'model level' if model_level else 'branch level'}, "
             f"calibration error: branch {result.final.error:.3g}, model level {model_error:.3g})")
@@ -267,7 +273,9 @@ def markdown(rows: list[Row], commands: list[str], header: str) -> str:
               "Spectrum-style and FreqCa-style are this pack's re-implementations of the published "
               "algorithms (benchmarks/comfy_model_forecasters.py), not the authors' code. The model-level "
               "check row is branch level with Apply's check_model_level on; the calibration row applies "
-              "Schedule Search's granularity rule on 5 calibration images and says what it chose. LazyCache "
+              "Schedule Search's granularity rule on 5 calibration images and says what it chose; the Schedule "
+              "Search row searches the pattern too, on the same images, and gives the winner and its "
+              "granularity in the JSON's setting. LazyCache "
               "is ComfyUI's own node. The fast-schedule row exists only where the pack ships a schedule "
               "(5x, 6x).", ""]
     return "\n".join(lines + tables(rows, METHODS))

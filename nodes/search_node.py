@@ -166,7 +166,8 @@ class ProCacheScheduleSearch(io.ComfyNode):
             display_name="ProCache Schedule Search",
             category="ProCache/schedules",
             description="Searches a caching schedule for this model, sampler and prompt: candidate schedules under "
-                        "a budget are sampled on a few seeds and the one closest to full compute is kept. The "
+                        "a budget (drawn ones, evenly spaced full steps and the library's generic pattern) are "
+                        "sampled on a few seeds and the one closest to full compute is kept. The "
                         "winner then runs once more with one model-level residual; where that lands clearly "
                         "closer, the schedule says so and ProCache Apply (memory_budget auto) keeps only it.",
             inputs=[
@@ -201,7 +202,9 @@ class ProCacheScheduleSearch(io.ComfyNode):
                              tooltip="Fewest reuse steps between two full steps (0 allows back-to-back full steps)."),
                 io.Int.Input("max_interval", default=4, min=0, max=100,
                              tooltip="Most reuse steps between two full steps; raise it for long caching early in "
-                                     "the run, lower it for safety."),
+                                     "the run, lower it for safety. At 4x and more, about twice steps / full "
+                                     "steps lets the search try uneven spacings (4 admits no pattern at 20 "
+                                     "steps and 6x)."),
                 io.Boolean.Input("selective", default=True,
                                  tooltip="Inject selective steps into the winner (every second reuse step of each "
                                          "run recomputes important tokens), as ProCache does; it is run once more "

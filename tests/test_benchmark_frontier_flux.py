@@ -39,6 +39,15 @@ def test_tiny_flux_frontier_matches_flops_across_rows(tmp_path):
                     else "ProCache Taylor 1"]
         assert chosen["setting"].startswith(("model level (calibration", "branch level (calibration"))
         assert chosen["psnr"] == pytest.approx(source["psnr"]) and chosen["fd"] == pytest.approx(source["fd"])
+        # the searched row ran a pattern of the column's budget, and says which and at what granularity
+        searched = at["ProCache Schedule Search + Taylor 1 (calibration images)"]
+        pattern, origin = searched["setting"].split(" (")[0], searched["setting"].split(" (")[1].split(";")[0]
+        assert len(pattern) == 10 and pattern[0] == "1" and pattern.count("1") == full_steps(10, target)
+        assert origin in ("drawn", "even intervals", "library generic")
+        if origin == "library generic":      # the same run as the generic rows beside it
+            source = at["ProCache model-level residual + Taylor 1" if "; model level" in searched["setting"]
+                        else "ProCache Taylor 1"]
+            assert searched["psnr"] == pytest.approx(source["psnr"])
 
 
 @pytest.mark.parametrize("state", ["spectrum", "freqca"])
