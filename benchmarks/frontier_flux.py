@@ -29,7 +29,7 @@ block stack on B = round(steps / S) steps (frontier.full_steps), so their FLOPs 
                                 the same 5 calibration images: 5 drawn patterns, even intervals and the
                                 generic pattern, each with Taylor 1 at branch level; the winner once
                                 more with one model-level residual, kept where clearly closer. No
-                                selective steps, no pre-ranking; max_interval twice the mean interval
+                                selective steps, no pre-ranking; the node's automatic max_interval
     ProCache Taylor 1 + model-level check
                                 branch level with Apply's check_model_level on: the run measures
                                 whether one model-level residual lands closer and switches to it
@@ -143,12 +143,10 @@ class FluxFrontier:
         images: K drawn patterns and the even-interval one, each sampled with Taylor 1 at branch
         level and scored against full compute; the winner then once more with one model-level
         residual, kept where prefer_model_level says so. No selective steps (they would add FLOPs)
-        and no pre-ranking profile. max_interval is twice the mean interval (the node's default 4
-        admits no pattern at 20 steps and 6x; the user raises it)."""
-        from procache_comfyui.procache_core.search import (SearchConstraints, output_error, prefer_model_level,
-                                                          search)
-        mean_interval = math.ceil(steps / computed) - 1
-        constraints = SearchConstraints(steps, computed, 0, max(4, 2 * mean_interval))
+        and no pre-ranking profile; the node's automatic max_interval (twice the mean interval)."""
+        from procache_comfyui.procache_core.search import (SearchConstraints, auto_max_interval, output_error,
+                                                          prefer_model_level, search)
+        constraints = SearchConstraints(steps, computed, 0, auto_max_interval(steps, computed))
 
         def run(budget):
             return lambda pattern: self.procache(steps, sampler, pattern, "searched", "taylor", budget,

@@ -26,7 +26,8 @@ from ..procache_core import Schedule, ScheduleError
 from ..procache_core.profiling import FeatureProfile, step_weights
 from ..procache_core.memory import Budget
 from ..procache_core.schedule import MODEL_LEVEL
-from ..procache_core.search import SearchConstraints, count_partitions, output_error, prefer_model_level, search
+from ..procache_core.search import (SearchConstraints, auto_max_interval, count_partitions, output_error,
+                                    prefer_model_level, search)
 from . import library
 from .forecaster_node import FORECASTER
 from .runtime import ApplyConfig, attach, describe_model
@@ -35,8 +36,14 @@ from .schedule_loader import SCHEDULE, describe
 log = logging.getLogger("procache")
 
 
+AUTO = -1       # max_interval: let the pack choose (search.auto_max_interval)
+
+
 def constraints_from(steps: int, full_steps: int, target_speedup: float, min_interval: int,
                      max_interval: int) -> SearchConstraints:
+    if max_interval == AUTO:
+        budget = full_steps if full_steps > 0 else SearchConstraints.for_speedup(steps, target_speedup, 0, steps).full_steps
+        max_interval = max(min_interval, auto_max_interval(steps, budget))
     if full_steps > 0:
         return SearchConstraints(steps, full_steps, min_interval, max_interval)
     return SearchConstraints.for_speedup(steps, target_speedup, min_interval, max_interval)
@@ -200,11 +207,11 @@ class ProCacheScheduleSearch(io.ComfyNode):
                                tooltip="Used when full_steps is 0: B = steps / target_speedup, rounded."),
                 io.Int.Input("min_interval", default=0, min=0, max=100,
                              tooltip="Fewest reuse steps between two full steps (0 allows back-to-back full steps)."),
-                io.Int.Input("max_interval", default=4, min=0, max=100,
+                io.Int.Input("max_interval", default=AUTO, min=AUTO, max=100,
                              tooltip="Most reuse steps between two full steps; raise it for long caching early in "
-                                     "the run, lower it for safety. At 4x and more, about twice steps / full "
-                                     "steps lets the search try uneven spacings (4 admits no pattern at 20 "
-                                     "steps and 6x)."),
+                                     "the run, lower it for safety. -1: automatic, twice the mean interval and "
+                                     "at least 4, which leaves room for uneven spacings at any speedup (a fixed 4 "
+                                     "admits no pattern at 20 steps and 6x)."),
                 io.Boolean.Input("selective", default=True,
                                  tooltip="Inject selective steps into the winner (every second reuse step of each "
                                          "run recomputes important tokens), as ProCache does; it is run once more "

@@ -60,6 +60,15 @@ class SearchConstraints:
             raise ScheduleError(f"target speedup {speedup:g}x at {steps} steps means {budget} full steps: {e}") from None
 
 
+def auto_max_interval(steps: int, full_steps: int) -> int:
+    """The longest reuse interval a search allows when the user leaves it to the pack: twice the mean
+    interval, at least 4. Room for uneven spacings at any speedup (a fixed 4 admits only even spacing
+    at 20 steps and 5x, and no pattern at all at 6x), without the one-full-step-then-reuse-everything
+    extremes."""
+    mean_interval = math.ceil(steps / max(1, full_steps)) - 1
+    return max(4, 2 * mean_interval)
+
+
 def draw_candidates(constraints: SearchConstraints, count: int, seed: int = 0,
                     max_attempts: int = 1_000_000) -> list[list[int]]:
     """Up to `count` distinct 0/1 patterns satisfying the constraints, in the order first drawn."""

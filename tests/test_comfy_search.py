@@ -132,6 +132,22 @@ def test_bad_constraints_are_refused_before_sampling(pack, inputs, changes, word
     assert pack.ProCacheScheduleSearch.validate_inputs(**inputs) is True
 
 
+@pytest.mark.parametrize("steps, full_steps, target, expected", [
+    (20, 0, 6.0, 12),      # 3 full steps: a fixed 4 would admit no pattern
+    (20, 0, 5.0, 8),       # 4 full steps: a fixed 4 would admit even spacing only
+    (50, 8, 2.0, 12),      # full_steps given: it decides, target_speedup is ignored
+    (8, 4, 2.0, 4),        # short runs keep at least 4
+])
+def test_automatic_max_interval_admits_uneven_spacings(pack, steps, full_steps, target, expected):
+    from procache_comfyui.nodes.search_node import AUTO, constraints_from
+    from procache_comfyui.procache_core.search import count_partitions, even_pattern
+    c = constraints_from(steps, full_steps, target, 0, AUTO)
+    assert c.max_interval == expected
+    assert count_partitions(c) > 1 and even_pattern(c)
+    assert pack.ProCacheScheduleSearch.validate_inputs(steps=steps, full_steps=full_steps, target_speedup=target,
+                                                       min_interval=0, max_interval=AUTO) is True
+
+
 def test_cancel_stops_the_search_and_leaves_the_model_clean(pack, inputs, monkeypatch):
     import comfy.model_management as mm
     import comfy.utils
