@@ -7,8 +7,8 @@ import torch
 from benchmarks import ode_samplers
 from benchmarks.baselines import LazyCacheStyle
 from benchmarks.forecast_sampler_bench import reference_sigmas, sample
-from benchmarks.frontier import (FAST_ROW, LAZYCACHE_ROW, LAZYCACHE_WINDOW, METHODS, Frontier, full_steps, markdown,
-                                 percent_sigma, run_frontier, uniform_steps)
+from benchmarks.frontier import (FAST_ROW, LAZYCACHE_ROW, LAZYCACHE_WINDOW, METHODS, SEARCHED_ROW, Frontier,
+                                 full_steps, markdown, percent_sigma, run_frontier, uniform_steps)
 from benchmarks.judge import PSNR_CAP
 from benchmarks.model_forecasters import ChebyshevRidge
 from benchmarks.train_reference import load_reference
@@ -55,6 +55,15 @@ def test_quick_frontier_matches_flops_across_rows(tmp_path):
         assert max(speedups) <= 1.05 * min(speedups), (target, speedups)
         assert speedups[0] == pytest.approx(20 / full_steps(20, target), rel=0.05)
         assert all(r.psnr < PSNR_CAP for r in at)                     # every shortcut changes the image
+        # the searched row ran a pattern of the column's budget, found on other seeds; where that is the
+        # generic pattern it is the same run as the Taylor 1 row beside it
+        searched = next(r for r in at if r.method == SEARCHED_ROW)
+        pattern, origin = searched.setting.split(" (")[0], searched.setting.split(" (")[1].split(";")[0]
+        assert len(pattern) == 20 and pattern[0] == "1" and pattern.count("1") == full_steps(20, target)
+        if origin == "library generic":
+            assert searched.psnr == pytest.approx(next(r for r in at if r.method == "ProCache Taylor 1").psnr)
+        else:
+            assert origin in ("drawn", "even intervals")
     memory = {r.method: r.cache_bytes_per_image for r in rows if r.target == 3}
     # model-level caches hold one to three final-feature tensors; branch level holds one per branch
     assert 0 < memory["FreqCa-style (pack re-impl.)"] < memory["ProCache reuse"]
