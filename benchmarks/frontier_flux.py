@@ -86,10 +86,11 @@ SPECTRUM_ROW = "Spectrum-style (pack re-impl.)"
 FREQCA_ROW = "FreqCa-style (pack re-impl.)"
 FAST_ROW = "ProCache fast schedule + Taylor 1"
 LAZYCACHE_ROW = "LazyCache (ComfyUI node)"
-METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + (CHECK_ROW, CHOSEN_ROW, SEARCHED_ROW) + tuple(n for n, _ in MODEL_ROWS) \
-    + (FAST_ROW, SPECTRUM_ROW, FREQCA_ROW, LAZYCACHE_ROW)
-# the plot's lines (the table has every row): the pack's default and calibrated paths against the peers
-PLOTTED = (FEWER, "ProCache reuse", "ProCache Taylor 1", CHOSEN_ROW, SEARCHED_ROW, SPECTRUM_ROW, FREQCA_ROW, LAZYCACHE_ROW)
+METHODS = (FEWER,) + tuple(n for n, _ in BRANCH_ROWS) + (CHECK_ROW, CHOSEN_ROW, SEARCHED_ROW) \
+    + tuple(n for n, _ in MODEL_ROWS) + (FAST_ROW, SPECTRUM_ROW, FREQCA_ROW, LAZYCACHE_ROW)
+# the plot's lines (the table has every row): the pack's default, calibrated and searched paths against the peers
+PLOTTED = (FEWER, "ProCache reuse", "ProCache Taylor 1", CHOSEN_ROW, SEARCHED_ROW, SPECTRUM_ROW, FREQCA_ROW,
+           LAZYCACHE_ROW)
 LAZYCACHE_WINDOW = (0.15, 0.95)      # the node's default start_percent and end_percent
 LAZYCACHE_SUBSAMPLE = 8              # the node's subsample_factor
 

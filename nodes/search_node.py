@@ -42,7 +42,8 @@ AUTO = -1       # max_interval: let the pack choose (search.auto_max_interval)
 def constraints_from(steps: int, full_steps: int, target_speedup: float, min_interval: int,
                      max_interval: int) -> SearchConstraints:
     if max_interval == AUTO:
-        budget = full_steps if full_steps > 0 else SearchConstraints.for_speedup(steps, target_speedup, 0, steps).full_steps
+        budget = (full_steps if full_steps > 0
+                  else SearchConstraints.for_speedup(steps, target_speedup, 0, steps).full_steps)
         max_interval = max(min_interval, auto_max_interval(steps, budget))
     if full_steps > 0:
         return SearchConstraints(steps, full_steps, min_interval, max_interval)

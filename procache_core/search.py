@@ -296,8 +296,8 @@ def search(constraints: SearchConstraints, run, reference, count: int = 5, seed:
         if admits(constraints, pattern):
             generic = next((c for c in to_run if c.pattern == pattern), None)
             if generic is None:
-                generic = Candidate(pattern, origin="generic",
-                                    predicted=profile.predict(pattern) if profile is not None and profile.ready else None)
+                ready = profile is not None and profile.ready
+                generic = Candidate(pattern, origin="generic", predicted=profile.predict(pattern) if ready else None)
                 to_run.append(generic)
     total = len(to_run) + (1 if selective else 0)
     for i, candidate in enumerate(to_run):
