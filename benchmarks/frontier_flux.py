@@ -63,7 +63,7 @@ import torch
 
 from .baselines import calibrate_threshold
 from .comfy_model_forecasters import FluxStackForecast, FreqCaState, SpectrumState
-from .frontier import Row, fast_schedule, full_steps, plot, tables, uniform_steps
+from .frontier import Row, fast_schedule, full_steps, origin_label, plot, tables, uniform_steps
 from .output import add_out_option, report_path
 from .reference_flux import LATENT_SIZE
 from .reference_flux_bench import CALIBRATION_SEED, SEED
@@ -141,7 +141,7 @@ class FluxFrontier:
 
     def searched(self, steps, sampler, computed, calibration_full):
         """(pattern, budget, setting text): Schedule Search as its node runs it, on the calibration
-        images: K drawn patterns and the even-interval one, each sampled with Taylor 1 at branch
+        images: K drawn patterns, the even-interval one and the generic one, each sampled with Taylor 1 at branch
         level and scored against full compute; the winner then once more with one model-level
         residual, kept where prefer_model_level says so. No selective steps (they would add FLOPs)
         and no pre-ranking profile; the node's automatic max_interval (twice the mean interval)."""
@@ -158,9 +158,9 @@ class FluxFrontier:
         pattern = list(result.final.pattern)
         model_error = output_error(run("minimal")(pattern), calibration_full.images)
         model_level = prefer_model_level(result.final.error, model_error)
-        origin = {"uniform": "even intervals", "generic": "library generic"}.get(result.final.origin, "drawn")
+        granularity = "model level" if model_level else "branch level"
         return pattern, "minimal" if model_level else "unlimited", (
-            f"{''.join(map(str, pattern))} ({origin}; {'model level' if model_level else 'branch level'}, "
+            f"{''.join(map(str, pattern))} ({origin_label(result.final)}; {granularity}, "
             f"calibration error: branch {result.final.error:.3g}, model level {model_error:.3g})")
 
     def sigmas(self, steps: int) -> list[float]:
@@ -202,7 +202,13 @@ class FluxFrontier:
                 f"fd {row.fd:7.2f}  cache {row.cache_bytes_per_image / 1024:7.1f} KiB/image")
 
         add(1, "full compute", f"{steps} steps", full, 1.0, 0)
-        calibration_full = None         # full compute on the calibration images, when a row needs it
+        calibration = []                # full compute on the calibration images, once, when a row needs it
+
+        def calibration_full():
+            if not calibration:
+                calibration.append(self.bench.measure(None, steps, sampler, self.bench.cal_labels, CALIBRATION_SEED))
+            return calibration[0]
+
         for target in targets:
             computed = full_steps(steps, target)
             if FEWER in methods:
@@ -215,18 +221,12 @@ class FluxFrontier:
                         result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", forecaster, budget)
                         add(target, method, "".join(map(str, kinds)), result, result.flops_speedup, peak)
             if CHOSEN_ROW in methods:
-                if calibration_full is None:
-                    calibration_full = self.bench.measure(None, steps, sampler, self.bench.cal_labels,
-                                                          CALIBRATION_SEED)
                 chosen, setting = self.chosen_granularity(steps, sampler, kinds, f"generic-{computed}",
-                                                          calibration_full)
+                                                          calibration_full())
                 result, peak = self.procache(steps, sampler, kinds, f"generic-{computed}", "taylor", chosen)
                 add(target, CHOSEN_ROW, setting, result, result.flops_speedup, peak)
             if SEARCHED_ROW in methods:
-                if calibration_full is None:
-                    calibration_full = self.bench.measure(None, steps, sampler, self.bench.cal_labels,
-                                                          CALIBRATION_SEED)
-                pattern, budget, setting = self.searched(steps, sampler, computed, calibration_full)
+                pattern, budget, setting = self.searched(steps, sampler, computed, calibration_full())
                 result, peak = self.procache(steps, sampler, pattern, "searched", "taylor", budget)
                 add(target, SEARCHED_ROW, setting, result, result.flops_speedup, peak)
             if CHECK_ROW in methods:

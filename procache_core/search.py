@@ -13,7 +13,7 @@ import math
 import random
 import time
 
-from .schedule import ScheduleError, inject_selective, pattern_from_segments
+from .schedule import ScheduleError, full_step_segments, inject_selective, pattern_from_segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,13 +172,7 @@ def admits(constraints: SearchConstraints, pattern) -> bool:
     c = constraints
     if len(pattern) != c.steps or not pattern or pattern[0] != 1 or sum(1 for k in pattern if k == 1) != c.full_steps:
         return False
-    intervals, run = [], 0
-    for k in list(pattern[1:]) + [1]:
-        if k == 1:
-            intervals.append(run)
-            run = 0
-        else:
-            run += 1
+    intervals = [length - 1 for length, _ in full_step_segments(pattern)]
     return (all(c.min_interval <= i <= c.max_interval for i in intervals)
             and all(a >= b for a, b in zip(intervals, intervals[1:])))
 
@@ -280,25 +274,27 @@ def search(constraints: SearchConstraints, run, reference, count: int = 5, seed:
             for c in chosen:
                 c.predicted = profile.predict(c.pattern)
     to_run = list(chosen)
+
+    def predicted(pattern) -> float | None:
+        return profile.predict(pattern) if profile is not None and profile.ready else None
+
+    def comparator(pattern: tuple[int, ...], origin: str) -> Candidate:
+        """The candidate running `pattern`: a drawn one that already does, or a new one."""
+        found = next((c for c in to_run if c.pattern == pattern), None)
+        if found is None:
+            found = Candidate(pattern, origin=origin, predicted=predicted(pattern))
+            to_run.append(found)
+        return found
+
     uniform = None
     if compare_uniform:
-        even = tuple(even_pattern(constraints))
-        uniform = next((c for c in to_run if c.pattern == even), None)
-        if uniform is None:
-            uniform = Candidate(even, origin="uniform",
-                                predicted=profile.predict(even) if profile is not None and profile.ready else None)
-            to_run.append(uniform)
-        else:
-            uniform.origin = "uniform"
+        uniform = comparator(tuple(even_pattern(constraints)), "uniform")
+        uniform.origin = "uniform"          # also when a drawn candidate was the even one
     generic = None
     if compare_generic:
         pattern = tuple(generic_pattern(constraints.steps, constraints.steps / constraints.full_steps))
         if admits(constraints, pattern):
-            generic = next((c for c in to_run if c.pattern == pattern), None)
-            if generic is None:
-                ready = profile is not None and profile.ready
-                generic = Candidate(pattern, origin="generic", predicted=profile.predict(pattern) if ready else None)
-                to_run.append(generic)
+            generic = comparator(pattern, "generic")
     total = len(to_run) + (1 if selective else 0)
     for i, candidate in enumerate(to_run):
         start = time.perf_counter()
@@ -310,8 +306,7 @@ def search(constraints: SearchConstraints, run, reference, count: int = 5, seed:
     final = best
     if selective:
         injected = tuple(inject_selective(best.pattern))
-        final = Candidate(injected, origin="winner+selective",
-                          predicted=profile.predict(injected) if profile is not None and profile.ready else None)
+        final = Candidate(injected, origin="winner+selective", predicted=predicted(injected))
         start = time.perf_counter()
         final.error = output_error(run(list(injected)), reference)
         final.seconds = time.perf_counter() - start
